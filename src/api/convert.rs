@@ -1,0 +1,50 @@
+//! Domain values to protobuf messages.
+
+use time::OffsetDateTime;
+
+use super::pb;
+use crate::{
+    auth::IssuedTokens,
+    store::{SessionRecord, UserRecord},
+};
+
+pub fn timestamp(t: OffsetDateTime) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: t.unix_timestamp(), nanos: t.nanosecond() as i32 }
+}
+
+pub fn user(user: UserRecord) -> pb::User {
+    pb::User {
+        id: user.id.to_string(),
+        username: user.username,
+        email: user.email,
+        first_name: user.first_name,
+        last_name: user.last_name,
+        email_verified: user.email_verified_at.is_some(),
+        roles: user.roles,
+        created_at: Some(timestamp(user.created_at)),
+    }
+}
+
+pub fn session(session: SessionRecord, current: bool) -> pb::Session {
+    pb::Session {
+        id: session.id.to_string(),
+        device_type: session.device.device_type,
+        browser: session.device.browser,
+        os: session.device.os,
+        ip_address: session.device.ip_address,
+        created_at: Some(timestamp(session.created_at)),
+        last_active_at: Some(timestamp(session.last_active_at)),
+        expires_at: Some(timestamp(session.expires_at)),
+        current,
+    }
+}
+
+pub fn tokens(tokens: IssuedTokens) -> pb::TokenPair {
+    pb::TokenPair {
+        access_token: tokens.access.token,
+        access_token_expires_at: Some(timestamp(tokens.access.expires_at)),
+        refresh_token: tokens.refresh_token,
+        refresh_token_expires_at: Some(timestamp(tokens.refresh_expires_at)),
+        token_type: "Bearer".into(),
+    }
+}

@@ -1,0 +1,76 @@
+//! The one error type of the flows. `api::status` maps it to gRPC, in one place.
+
+use crate::{hot::HotError, password::HashError, store::StoreError, token::TokenRejection};
+
+/// A problem with one field of a request, reported back field by field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    pub field: &'static str,
+    pub description: String,
+}
+
+impl FieldViolation {
+    pub fn new(field: &'static str, description: impl Into<String>) -> FieldViolation {
+        FieldViolation { field, description: description.into() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("invalid request")]
+    InvalidArgument(Vec<FieldViolation>),
+    /// The field (`username` or `email`) is taken.
+    #[error("{0} already exists")]
+    AlreadyExists(&'static str),
+    /// Wrong password or unknown account: one answer for both.
+    #[error("invalid credentials")]
+    InvalidCredentials,
+    /// Unknown, spent, expired or revoked refresh token: one answer for all.
+    #[error("invalid refresh token")]
+    InvalidRefreshToken,
+    /// The bearer token of a user call is missing or not valid.
+    #[error("not authenticated: {0:?}")]
+    Unauthenticated(BearerProblem),
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// A dependency (database, Redis) is down: retry later.
+    #[error("service unavailable")]
+    Unavailable(#[source] anyhow::Error),
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BearerProblem {
+    Missing,
+    Rejected(TokenRejection),
+    SessionRevoked,
+}
+
+impl AuthError {
+    pub fn invalid(field: &'static str, description: impl Into<String>) -> AuthError {
+        AuthError::InvalidArgument(vec![FieldViolation::new(field, description)])
+    }
+}
+
+impl From<StoreError> for AuthError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Conflict(field) => AuthError::AlreadyExists(field),
+            StoreError::Unavailable(_) => AuthError::Unavailable(error.into()),
+            other => AuthError::Internal(other.into()),
+        }
+    }
+}
+
+impl From<HotError> for AuthError {
+    fn from(error: HotError) -> Self {
+        AuthError::Unavailable(error.into())
+    }
+}
+
+impl From<HashError> for AuthError {
+    fn from(error: HashError) -> Self {
+        AuthError::Internal(error.into())
+    }
+}

@@ -1,0 +1,78 @@
+//! Login with a password: one answer and one bcrypt for an unknown user or a wrong
+//! password; a new session per successful login.
+
+use uuid::Uuid;
+
+use super::{Auth, AuthError, ClientInfo, IssuedTokens, domain::LoginIdentifier, register::now_micros};
+use crate::{
+    store::{NewSession, SessionRecord, UserRecord},
+    token::refresh,
+};
+
+/// Longest password accepted at login: anything longer cannot have been registered, and
+/// refusing it early bounds the work an attacker can make us do.
+const MAX_LOGIN_PASSWORD_BYTES: usize = 4096;
+
+#[derive(Debug, Clone)]
+pub struct LoginOutcome {
+    pub user: UserRecord,
+    pub session: SessionRecord,
+    pub tokens: IssuedTokens,
+}
+
+impl Auth {
+    pub async fn login(&self, identifier: &str, password: &str, client: &ClientInfo) -> Result<LoginOutcome, AuthError> {
+        let identifier = LoginIdentifier::parse(identifier).map_err(|e| AuthError::invalid("identifier", format!("identifier {e}")))?;
+        if password.is_empty() {
+            return Err(AuthError::invalid("password", "password is required"));
+        }
+        if password.len() > MAX_LOGIN_PASSWORD_BYTES {
+            return Err(AuthError::invalid("password", "password is too long"));
+        }
+
+        let user = self.store.find_user_by_login(identifier.key()).await?;
+        let verified = self.hasher.verify(password, user.as_ref().map(|u| u.password_hash.as_str())).await?;
+        let user = match user {
+            Some(user) if verified.matches => user,
+            _ => {
+                tracing::info!("login failed: invalid credentials");
+                return Err(AuthError::InvalidCredentials);
+            }
+        };
+        if verified.needs_rehash {
+            self.upgrade_hash(&user, password).await;
+        }
+
+        let now = now_micros();
+        let (refresh_token, refresh_hash) = refresh::generate();
+        let session = self
+            .store
+            .create_session(&NewSession {
+                id: Uuid::now_v7(),
+                user_id: user.id,
+                refresh_hash,
+                device: client.device(),
+                created_at: now,
+                expires_at: now + self.sessions.absolute_lifetime,
+            })
+            .await?;
+        let tokens = self.issue_tokens(&user, &session, refresh_token, now)?;
+        tracing::info!(user_id = %user.id, session_id = %session.id, "login succeeded");
+        Ok(LoginOutcome { user, session, tokens })
+    }
+
+    /// Re-hashes a legacy or outdated hash with the current scheme and cost. A failure
+    /// here must not fail the login: the old hash still works.
+    async fn upgrade_hash(&self, user: &UserRecord, password: &str) {
+        let result = async {
+            let hash = self.hasher.hash(password).await?;
+            self.store.set_password_hash(user.id, &hash).await?;
+            Ok::<_, AuthError>(())
+        }
+        .await;
+        match result {
+            Ok(()) => tracing::info!(user_id = %user.id, "password hash upgraded"),
+            Err(e) => tracing::warn!(user_id = %user.id, error = ?e, "password hash upgrade failed"),
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! The flows: register, login, refresh, logout, token validation and session management.
+//! They know nothing of protobuf, tonic or which database runs underneath.
+
+pub mod activity;
+pub mod client;
+pub mod domain;
+pub mod error;
+mod login;
+mod refresh;
+mod register;
+pub mod revocation;
+mod sessions;
+mod validate;
+
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+pub use activity::ActivityRecorder;
+pub use client::ClientInfo;
+pub use error::{AuthError, BearerProblem, FieldViolation};
+pub use login::LoginOutcome;
+pub use register::Registration;
+pub use validate::{InvalidReason, TokenCheck, ValidToken};
+
+use crate::{
+    config::SessionSettings,
+    hot::DynHotState,
+    password::{PasswordHasher, PasswordPolicy},
+    store::{DynStore, SessionRecord, UserRecord},
+    token::AccessTokens,
+};
+
+/// Everything the flows depend on, built once at start-up.
+pub struct Auth {
+    store: DynStore,
+    hot: DynHotState,
+    hasher: PasswordHasher,
+    policy: PasswordPolicy,
+    tokens: AccessTokens,
+    activity: std::sync::Arc<ActivityRecorder>,
+    sessions: SessionSettings,
+    /// How long a revocation must be remembered in the hot state: until every access
+    /// token issued before it has expired.
+    revocation_ttl: Duration,
+}
+
+/// The authenticated caller of a user call (from `authorization: Bearer`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub user_id: Uuid,
+    pub session_id: Uuid,
+    pub roles: Vec<String>,
+}
+
+/// An access token with the instant it expires.
+#[derive(Debug, Clone)]
+pub struct IssuedAccessToken {
+    pub token: String,
+    pub expires_at: OffsetDateTime,
+}
+
+/// What login and refresh hand out.
+#[derive(Debug, Clone)]
+pub struct IssuedTokens {
+    pub access: IssuedAccessToken,
+    pub refresh_token: String,
+    /// When the refresh token stops working if unused (idle timeout or absolute end).
+    pub refresh_expires_at: OffsetDateTime,
+}
+
+/// The parts of [`Auth`] that are built elsewhere.
+pub struct AuthParts {
+    pub store: DynStore,
+    pub hot: DynHotState,
+    pub hasher: PasswordHasher,
+    pub policy: PasswordPolicy,
+    pub tokens: AccessTokens,
+    pub activity: std::sync::Arc<ActivityRecorder>,
+    pub sessions: SessionSettings,
+    pub leeway: Duration,
+}
+
+impl Auth {
+    pub fn new(parts: AuthParts) -> Auth {
+        let revocation_ttl = parts.tokens.ttl() + parts.leeway + Duration::from_secs(1);
+        Auth {
+            store: parts.store,
+            hot: parts.hot,
+            hasher: parts.hasher,
+            policy: parts.policy,
+            tokens: parts.tokens,
+            activity: parts.activity,
+            sessions: parts.sessions,
+            revocation_ttl,
+        }
+    }
+
+    pub fn tokens(&self) -> &AccessTokens {
+        &self.tokens
+    }
+
+    /// Signs an access token for `user` in `session`, and its refresh companion's expiry.
+    fn issue_tokens(
+        &self,
+        user: &UserRecord,
+        session: &SessionRecord,
+        refresh_token: String,
+        now: OffsetDateTime,
+    ) -> Result<IssuedTokens, AuthError> {
+        let subject = crate::token::access::Subject {
+            user_id: user.id,
+            session_id: session.id,
+            roles: &user.roles,
+            amr: &["pwd"],
+            email_verified: user.email_verified_at.is_some(),
+        };
+        let (token, claims) = self.tokens.issue(&subject, now).map_err(|e| AuthError::Internal(e.into()))?;
+        let expires_at = OffsetDateTime::from_unix_timestamp(claims.exp).map_err(|e| AuthError::Internal(e.into()))?;
+        let idle_end = session.refreshed_at + self.sessions.idle_timeout;
+        Ok(IssuedTokens {
+            access: IssuedAccessToken { token, expires_at },
+            refresh_token,
+            refresh_expires_at: idle_end.min(session.expires_at),
+        })
+    }
+}

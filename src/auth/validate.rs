@@ -1,0 +1,78 @@
+//! ValidateToken, the hot path: verify the JWT in process, ask the hot state whether its
+//! session was revoked, never touch SQL. "Last active" is noted in memory and written
+//! behind in batches.
+
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::{Auth, AuthError, BearerProblem, Principal};
+use crate::token::TokenRejection;
+
+/// Why a token does not pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvalidReason {
+    Token(TokenRejection),
+    SessionRevoked,
+    MissingRole,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidToken {
+    pub user_id: Uuid,
+    pub session_id: Uuid,
+    pub roles: Vec<String>,
+    pub expires_at: OffsetDateTime,
+    pub email_verified: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenCheck {
+    Valid(ValidToken),
+    Invalid(InvalidReason),
+}
+
+impl Auth {
+    /// Checks a token and, optionally, that it carries every role in `required_roles`.
+    /// `Err` only when the answer cannot be known (hot state down): fail closed.
+    pub async fn validate_token(&self, token: &str, required_roles: &[String]) -> Result<TokenCheck, AuthError> {
+        let claims = match self.tokens.verify(token) {
+            Ok(claims) => claims,
+            Err(rejection) => return Ok(TokenCheck::Invalid(InvalidReason::Token(rejection))),
+        };
+        let (Ok(user_id), Ok(session_id), Ok(expires_at)) = (
+            Uuid::parse_str(&claims.sub),
+            Uuid::parse_str(&claims.sid),
+            OffsetDateTime::from_unix_timestamp(claims.exp),
+        ) else {
+            return Ok(TokenCheck::Invalid(InvalidReason::Token(TokenRejection::Malformed)));
+        };
+        if self.hot.is_session_revoked(session_id).await? {
+            return Ok(TokenCheck::Invalid(InvalidReason::SessionRevoked));
+        }
+        if !required_roles.iter().all(|role| claims.roles.contains(role)) {
+            return Ok(TokenCheck::Invalid(InvalidReason::MissingRole));
+        }
+        self.activity.record(session_id, OffsetDateTime::now_utc());
+        Ok(TokenCheck::Valid(ValidToken {
+            user_id,
+            session_id,
+            roles: claims.roles,
+            expires_at,
+            email_verified: claims.email_verified,
+        }))
+    }
+
+    /// The caller of a user call, from its bearer token (`None` when the call had none).
+    pub async fn authenticate(&self, bearer: Option<&str>) -> Result<Principal, AuthError> {
+        let token = bearer.ok_or(AuthError::Unauthenticated(BearerProblem::Missing))?;
+        match self.validate_token(token, &[]).await? {
+            TokenCheck::Valid(valid) => {
+                Ok(Principal { user_id: valid.user_id, session_id: valid.session_id, roles: valid.roles })
+            }
+            TokenCheck::Invalid(InvalidReason::Token(rejection)) => {
+                Err(AuthError::Unauthenticated(BearerProblem::Rejected(rejection)))
+            }
+            TokenCheck::Invalid(_) => Err(AuthError::Unauthenticated(BearerProblem::SessionRevoked)),
+        }
+    }
+}

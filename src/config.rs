@@ -1,0 +1,361 @@
+//! Configuration: environment variables `PORTCULLIS_*` over an optional TOML file over
+//! defaults. Nested keys use `__` in the environment: `PORTCULLIS_TOKENS__ACCESS_TTL=5m`
+//! sets `[tokens] access_ttl`. With nothing set, the embedded default runs: SQLite and keys
+//! under `./data/`, in-memory hot state, gRPC on 127.0.0.1:50051.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::token::SigningAlgorithm;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// Where generated keys, the generated pepper and the SQLite database live by default.
+    pub data_dir: PathBuf,
+    /// `postgres://…` or `sqlite://…`. Unset: `sqlite://<data_dir>/portcullis.db`.
+    pub database_url: Option<String>,
+    /// `redis://…`. Unset: hot state in process memory (one replica only).
+    pub redis_url: Option<String>,
+    /// Lets PostgreSQL run without Redis. Unsafe with several replicas (each would keep its
+    /// own revocations), so it must be asked for explicitly.
+    pub allow_memory_hot_state: bool,
+    pub server: ServerSettings,
+    pub database: DatabaseSettings,
+    pub redis: RedisSettings,
+    pub tokens: TokenSettings,
+    pub sessions: SessionSettings,
+    pub password: PasswordSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    /// How long in-flight calls may run after SIGTERM before the server stops anyway.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Serve gRPC server reflection (v1 and v1alpha), so grpcurl needs no proto files.
+    pub reflection: bool,
+    /// Peers whose `x-forwarded-for` is believed (addresses or CIDR ranges).
+    pub trusted_proxies: Vec<IpNet>,
+    /// How often health reflects database and Redis reachability.
+    #[serde(with = "humantime_serde")]
+    pub health_check_interval: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DatabaseSettings {
+    pub max_connections: u32,
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+    /// Run migrations when the server starts (otherwise: `portcullis migrate`).
+    pub migrate_on_start: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RedisSettings {
+    /// Prefix of every key, so deployments (and test runs) can share one Redis.
+    pub key_prefix: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TokenSettings {
+    pub issuer: String,
+    pub audience: String,
+    #[serde(with = "humantime_serde")]
+    pub access_ttl: Duration,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+    /// Signing keys (PKCS#8 PEM, one per file). Unset: `<data_dir>/keys`.
+    pub keys_dir: Option<PathBuf>,
+    /// The `kid` that signs; unset: the newest key file.
+    pub signing_kid: Option<String>,
+    /// Algorithm of the key generated on first start when `keys_dir` is empty.
+    pub generate_algorithm: SigningAlgorithm,
+    /// Algorithms accepted on verification; `none` and HMAC never are.
+    pub allowed_algorithms: Vec<SigningAlgorithm>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SessionSettings {
+    /// A session not refreshed for this long is over.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A session is over this long after login, whatever its activity.
+    #[serde(with = "humantime_serde")]
+    pub absolute_lifetime: Duration,
+    /// A refresh token presented again within this time of its rotation is refused without
+    /// revoking the session (two tabs refreshing at once); later, it is a replay and
+    /// revokes the session.
+    #[serde(with = "humantime_serde")]
+    pub refresh_reuse_grace: Duration,
+    /// How often "last active" seen by ValidateToken is written to the database.
+    #[serde(with = "humantime_serde")]
+    pub activity_flush_interval: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PasswordSettings {
+    pub bcrypt_cost: u32,
+    pub min_length: usize,
+    pub max_length: usize,
+    /// Server-side secret mixed into every hash (base64, at least 32 bytes). Unset:
+    /// `pepper_file`, else generated into `<data_dir>/pepper` on first start.
+    pub pepper: Option<String>,
+    pub pepper_file: Option<PathBuf>,
+    /// bcrypt jobs running at once; unset: the number of CPUs.
+    pub hashing_concurrency: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LogSettings {
+    /// `RUST_LOG`-style filter.
+    pub filter: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            data_dir: PathBuf::from("./data"),
+            database_url: None,
+            redis_url: None,
+            allow_memory_hot_state: false,
+            server: ServerSettings::default(),
+            database: DatabaseSettings::default(),
+            redis: RedisSettings::default(),
+            tokens: TokenSettings::default(),
+            sessions: SessionSettings::default(),
+            password: PasswordSettings::default(),
+            log: LogSettings::default(),
+        }
+    }
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            shutdown_grace: Duration::from_secs(20),
+            reflection: true,
+            trusted_proxies: Vec::new(),
+            health_check_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        DatabaseSettings {
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(5),
+            migrate_on_start: true,
+        }
+    }
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        RedisSettings { key_prefix: "portcullis:".into() }
+    }
+}
+
+impl Default for TokenSettings {
+    fn default() -> Self {
+        TokenSettings {
+            issuer: "portcullis".into(),
+            audience: "portcullis".into(),
+            access_ttl: Duration::from_secs(10 * 60),
+            leeway: Duration::from_secs(30),
+            keys_dir: None,
+            signing_kid: None,
+            generate_algorithm: SigningAlgorithm::RS256,
+            allowed_algorithms: vec![
+                SigningAlgorithm::RS256,
+                SigningAlgorithm::ES256,
+                SigningAlgorithm::EdDSA,
+            ],
+        }
+    }
+}
+
+impl Default for SessionSettings {
+    fn default() -> Self {
+        SessionSettings {
+            idle_timeout: Duration::from_secs(7 * 24 * 3600),
+            absolute_lifetime: Duration::from_secs(30 * 24 * 3600),
+            refresh_reuse_grace: Duration::from_secs(5),
+            activity_flush_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for PasswordSettings {
+    fn default() -> Self {
+        PasswordSettings {
+            bcrypt_cost: 12,
+            min_length: 12,
+            max_length: 256,
+            pepper: None,
+            pepper_file: None,
+            hashing_concurrency: None,
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings { filter: "info".into(), format: LogFormat::Text }
+    }
+}
+
+/// Environment variables that are not settings (tests and the config-file path).
+const NOT_SETTINGS: &[&str] = &["config", "test_database_url", "test_redis_url", "tools_dir"];
+
+impl Settings {
+    /// Defaults, then the TOML file (if any), then `PORTCULLIS_*` variables.
+    pub fn load(file: Option<&std::path::Path>) -> Result<Settings, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError::Invalid(format!(
+                    "configuration file {} does not exist",
+                    file.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        figment = figment.merge(Env::prefixed("PORTCULLIS_").split("__").ignore(NOT_SETTINGS));
+        let settings: Settings = figment.extract().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |msg: &str| Err(ConfigError::Invalid(msg.to_string()));
+        if !(4..=31).contains(&self.password.bcrypt_cost) {
+            return invalid("password.bcrypt_cost must be between 4 and 31");
+        }
+        if self.password.min_length < 8 {
+            return invalid("password.min_length must be at least 8 (NIST SP 800-63B)");
+        }
+        if self.password.max_length < 64.max(self.password.min_length) {
+            return invalid("password.max_length must be at least 64 and at least min_length");
+        }
+        if self.tokens.allowed_algorithms.is_empty() {
+            return invalid("tokens.allowed_algorithms must not be empty");
+        }
+        if self.tokens.access_ttl < Duration::from_secs(1) {
+            return invalid("tokens.access_ttl must be at least 1s");
+        }
+        if self.sessions.absolute_lifetime < self.tokens.access_ttl {
+            return invalid("sessions.absolute_lifetime must be at least tokens.access_ttl");
+        }
+        if self.database_url().starts_with("postgres") && self.redis_url.is_none() && !self.allow_memory_hot_state {
+            return invalid(
+                "PostgreSQL without Redis would keep revocations per replica; set redis_url \
+                 (PORTCULLIS_REDIS_URL), or allow_memory_hot_state = true for a single replica",
+            );
+        }
+        Ok(())
+    }
+
+    pub fn database_url(&self) -> String {
+        match &self.database_url {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}", self.data_dir.join("portcullis.db").display()),
+        }
+    }
+
+    pub fn keys_dir(&self) -> PathBuf {
+        self.tokens.keys_dir.clone().unwrap_or_else(|| self.data_dir.join("keys"))
+    }
+
+    /// The effective configuration as TOML, secrets redacted: what `config check` prints.
+    pub fn redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.database_url = Some(redact_url(&self.database_url()));
+        shown.redis_url = self.redis_url.as_deref().map(redact_url);
+        if shown.password.pepper.is_some() {
+            shown.password.pepper = Some("<redacted>".into());
+        }
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+}
+
+/// Hides the password of a URL such as `postgres://user:secret@host/db`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let (authority, path) = rest.split_once('/').map_or((rest, None), |(a, p)| (a, Some(p)));
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:<redacted>@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => authority.to_string(),
+    };
+    // Query strings may carry passwords too (`?password=`): drop their values.
+    let path = path.map(|p| match p.split_once('?') {
+        Some((p, _)) => format!("/{p}?<redacted>"),
+        None => format!("/{p}"),
+    });
+    format!("{scheme}://{authority}{}", path.unwrap_or_default())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords_in_urls() {
+        assert_eq!(redact_url("postgres://app:s3cret@db:5432/auth"), "postgres://app:<redacted>@db:5432/auth");
+        assert_eq!(redact_url("redis://:pw@cache:6379"), "redis://:<redacted>@cache:6379");
+        assert_eq!(redact_url("redis://cache:6379"), "redis://cache:6379");
+        assert_eq!(redact_url("postgres://h/db?password=x"), "postgres://h/db?<redacted>");
+    }
+
+    #[test]
+    fn defaults_are_the_embedded_configuration() {
+        let settings = Settings::default();
+        settings.validate().unwrap();
+        assert!(settings.database_url().starts_with("sqlite://"));
+        assert!(settings.redis_url.is_none());
+    }
+
+    #[test]
+    fn postgres_without_redis_is_refused_unless_allowed() {
+        let mut settings = Settings { database_url: Some("postgres://x/y".into()), ..Settings::default() };
+        assert!(settings.validate().is_err());
+        settings.allow_memory_hot_state = true;
+        assert!(settings.validate().is_ok());
+    }
+}

@@ -1,0 +1,190 @@
+//! Password hashing: bcrypt over an HMAC-SHA-256 pre-hash keyed with a server pepper.
+//!
+//! bcrypt ignores everything past 72 bytes, so it is never handed the raw password: it gets
+//! base64(HMAC-SHA-256(pepper, password)), 44 bytes, and the stored hash says so with the
+//! prefix `hmac-sha256:`. Plain `$2a$`/`$2b$`/`$2y$` hashes imported from older systems
+//! still verify (the way they were made) and are flagged for upgrade.
+//!
+//! bcrypt is CPU-bound for hundreds of milliseconds: it always runs on the blocking pool,
+//! at most `concurrency` at once, never on the async workers.
+
+use std::sync::Arc;
+
+use aws_lc_rs::hmac;
+use base64::{Engine, engine::general_purpose::STANDARD};
+use tokio::sync::Semaphore;
+
+const PEPPERED_PREFIX: &str = "hmac-sha256:";
+
+pub struct PasswordHasher {
+    pepper: hmac::Key,
+    cost: u32,
+    permits: Arc<Semaphore>,
+    /// A hash with the live cost, verified against when the user does not exist, so an
+    /// unknown user costs what a wrong password costs.
+    dummy_hash: String,
+}
+
+/// The outcome of checking a password against a stored hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verified {
+    pub matches: bool,
+    /// The hash is legacy or of another cost: store a fresh one now that we know the password.
+    pub needs_rehash: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HashError {
+    #[error("bcrypt failed")]
+    Bcrypt(#[from] bcrypt::BcryptError),
+    #[error("hashing task failed")]
+    Join(#[from] tokio::task::JoinError),
+    #[error("pepper must be at least 32 bytes")]
+    WeakPepper,
+}
+
+impl PasswordHasher {
+    pub async fn new(pepper: &[u8], cost: u32, concurrency: usize) -> Result<PasswordHasher, HashError> {
+        if pepper.len() < 32 {
+            return Err(HashError::WeakPepper);
+        }
+        let mut hasher = PasswordHasher {
+            pepper: hmac::Key::new(hmac::HMAC_SHA256, pepper),
+            cost,
+            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            dummy_hash: String::new(),
+        };
+        let mut random = [0u8; 32];
+        aws_lc_rs::rand::fill(&mut random).map_err(|_| HashError::WeakPepper)?;
+        hasher.dummy_hash = hasher.hash(&STANDARD.encode(random)).await?;
+        Ok(hasher)
+    }
+
+    pub fn cost(&self) -> u32 {
+        self.cost
+    }
+
+    /// Hashes a (policy-checked) password for storage.
+    pub async fn hash(&self, password: &str) -> Result<String, HashError> {
+        let prehash = self.prehash(password);
+        let cost = self.cost;
+        let hash = self.blocking(move || bcrypt::non_truncating_hash(prehash, cost)).await??;
+        Ok(format!("{PEPPERED_PREFIX}{hash}"))
+    }
+
+    /// Checks `password` against `stored`, or against the dummy hash when there is no user,
+    /// so both cases cost one bcrypt verification.
+    pub async fn verify(&self, password: &str, stored: Option<&str>) -> Result<Verified, HashError> {
+        let Some(stored) = stored else {
+            let prehash = self.prehash(password);
+            let dummy = self.dummy_hash[PEPPERED_PREFIX.len()..].to_string();
+            self.blocking(move || bcrypt::verify(prehash, &dummy)).await??;
+            return Ok(Verified { matches: false, needs_rehash: false });
+        };
+        let (input, bcrypt_hash, legacy) = match stored.strip_prefix(PEPPERED_PREFIX) {
+            Some(hash) => (self.prehash(password).into_bytes(), hash.to_string(), false),
+            // Imported hash: made from the raw password, truncated at 72 bytes as its
+            // system did.
+            None => (password.as_bytes().to_vec(), stored.to_string(), true),
+        };
+        let needs_rehash = legacy || bcrypt_cost(&bcrypt_hash) != Some(self.cost);
+        let matches = match self.blocking(move || bcrypt::verify(input, &bcrypt_hash)).await? {
+            Ok(matches) => matches,
+            // A corrupt stored hash never matches; it is not the caller's fault.
+            Err(bcrypt::BcryptError::InvalidHash(_) | bcrypt::BcryptError::CostNotAllowed(_)) => false,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Verified { matches, needs_rehash: matches && needs_rehash })
+    }
+
+    fn prehash(&self, password: &str) -> String {
+        STANDARD.encode(hmac::sign(&self.pepper, password.as_bytes()))
+    }
+
+    async fn blocking<T: Send + 'static>(&self, job: impl FnOnce() -> T + Send + 'static) -> Result<T, HashError> {
+        let _permit = self.permits.acquire().await.expect("the hashing semaphore is never closed");
+        Ok(tokio::task::spawn_blocking(job).await?)
+    }
+}
+
+/// The cost of a `$2?$NN$…` hash.
+fn bcrypt_cost(hash: &str) -> Option<u32> {
+    hash.get(4..6)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const PEPPER: [u8; 32] = [7; 32];
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    }
+
+    #[tokio::test]
+    async fn hashes_verify_and_wrong_passwords_do_not() {
+        let hasher = PasswordHasher::new(&PEPPER, 4, 2).await.unwrap();
+        let hash = hasher.hash("correct horse battery staple").await.unwrap();
+        assert!(hash.starts_with("hmac-sha256:$2b$04$"));
+        let ok = hasher.verify("correct horse battery staple", Some(&hash)).await.unwrap();
+        assert_eq!(ok, Verified { matches: true, needs_rehash: false });
+        assert!(!hasher.verify("correct horse battery stapl", Some(&hash)).await.unwrap().matches);
+        assert!(!hasher.verify("anything", None).await.unwrap().matches);
+    }
+
+    #[tokio::test]
+    async fn another_pepper_does_not_verify() {
+        let a = PasswordHasher::new(&PEPPER, 4, 1).await.unwrap();
+        let b = PasswordHasher::new(&[8; 32], 4, 1).await.unwrap();
+        let hash = a.hash("a long enough password").await.unwrap();
+        assert!(!b.verify("a long enough password", Some(&hash)).await.unwrap().matches);
+    }
+
+    #[tokio::test]
+    async fn legacy_hashes_verify_and_ask_for_an_upgrade() {
+        let hasher = PasswordHasher::new(&PEPPER, 5, 1).await.unwrap();
+        for legacy in [
+            bcrypt::hash("seed-password-1", 4).unwrap(),
+            bcrypt::hash("seed-password-1", 4).unwrap().replacen("$2b$", "$2a$", 1),
+            bcrypt::hash("seed-password-1", 4).unwrap().replacen("$2b$", "$2y$", 1),
+        ] {
+            let v = hasher.verify("seed-password-1", Some(&legacy)).await.unwrap();
+            assert_eq!(v, Verified { matches: true, needs_rehash: true }, "{legacy}");
+            assert!(!hasher.verify("seed-password-2", Some(&legacy)).await.unwrap().matches);
+        }
+        let outdated = PasswordHasher::new(&PEPPER, 4, 1).await.unwrap().hash("pw-of-cost-four").await.unwrap();
+        assert!(hasher.verify("pw-of-cost-four", Some(&outdated)).await.unwrap().needs_rehash);
+    }
+
+    #[tokio::test]
+    async fn corrupt_stored_hashes_never_match() {
+        let hasher = PasswordHasher::new(&PEPPER, 4, 1).await.unwrap();
+        for stored in ["", "plaintext", "hmac-sha256:", "$2b$04$short"] {
+            assert!(!hasher.verify("x", Some(stored)).await.unwrap().matches, "{stored:?}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// bcrypt alone would ignore everything past byte 72; the pre-hash must not.
+        #[test]
+        fn every_character_past_byte_72_matters(
+            prefix in "[a-zA-Z0-9]{72,80}",
+            tail in "[a-zA-Z0-9 !?]{1,40}",
+            position in any::<prop::sample::Index>(),
+        ) {
+            let rt = runtime();
+            let hasher = rt.block_on(PasswordHasher::new(&PEPPER, 4, 1)).unwrap();
+            let password = format!("{prefix}{tail}");
+            let hash = rt.block_on(hasher.hash(&password)).unwrap();
+            let mut altered: Vec<char> = password.chars().collect();
+            let i = 72 + position.index(altered.len() - 72);
+            altered[i] = if altered[i] == 'x' { 'y' } else { 'x' };
+            let altered: String = altered.into_iter().collect();
+            prop_assert!(rt.block_on(hasher.verify(&password, Some(&hash))).unwrap().matches);
+            prop_assert!(!rt.block_on(hasher.verify(&altered, Some(&hash))).unwrap().matches);
+        }
+    }
+}

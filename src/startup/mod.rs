@@ -1,0 +1,202 @@
+//! Wiring: builds every part from [`Settings`], then serves gRPC until told to stop.
+//! Used by `portcullis serve` and by the integration tests (`Application::build` on a
+//! random port).
+
+mod health;
+mod secrets;
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use tokio::sync::watch;
+use tonic::transport::{Server, server::TcpIncoming};
+
+use crate::{
+    api::{ApiContext, AuthApi, SessionApi, pb},
+    auth::{ActivityRecorder, Auth, AuthParts},
+    config::Settings,
+    hot::{DynHotState, MemoryHotState, RedisHotState},
+    password::{PasswordHasher, PasswordPolicy},
+    store::{DynStore, PostgresStore, SqliteStore},
+    token::{AccessTokens, KeySet},
+};
+
+pub use secrets::is_embedded;
+
+/// A server ready to serve: dependencies connected, keys loaded, port bound.
+pub struct Application {
+    settings: Settings,
+    incoming: TcpIncoming,
+    addr: SocketAddr,
+    auth: Arc<Auth>,
+    store: DynStore,
+    hot: DynHotState,
+    activity: Arc<ActivityRecorder>,
+}
+
+/// Connects to the configured database (no migrations).
+pub async fn connect_store(settings: &Settings) -> anyhow::Result<DynStore> {
+    let url = settings.database_url();
+    let (max, timeout) = (settings.database.max_connections, settings.database.acquire_timeout);
+    let store: DynStore = if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        Arc::new(PostgresStore::connect(&url, max, timeout).await.context("cannot connect to PostgreSQL")?)
+    } else if url.starts_with("sqlite:") {
+        Arc::new(SqliteStore::connect(&url, max, timeout).await.context("cannot open the SQLite database")?)
+    } else {
+        anyhow::bail!("database_url must start with postgres:// or sqlite://");
+    };
+    Ok(store)
+}
+
+async fn connect_hot(settings: &Settings) -> anyhow::Result<DynHotState> {
+    Ok(match &settings.redis_url {
+        Some(url) => Arc::new(
+            RedisHotState::connect(url, settings.redis.key_prefix.clone()).await.context("cannot connect to Redis")?,
+        ),
+        None => Arc::new(MemoryHotState::new()),
+    })
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Application> {
+        let store = connect_store(&settings).await?;
+        if settings.database.migrate_on_start {
+            store.migrate().await.context("database migration failed")?;
+        }
+        let hot = connect_hot(&settings).await?;
+
+        let keys_dir = secrets::ensure_signing_key(&settings)?;
+        let keys = KeySet::load_dir(&keys_dir, settings.tokens.signing_kid.as_deref()).context("cannot load signing keys")?;
+        let tokens = AccessTokens::new(keys, &settings.tokens)?;
+        tokens.self_test().context("token self-test failed: check the keys and tokens.* settings")?;
+        tracing::info!(kid = %tokens.keys().signer().kid, algorithm = %tokens.keys().signer().algorithm, "signing key loaded");
+
+        let pepper = secrets::load_pepper(&settings)?;
+        let concurrency = settings
+            .password
+            .hashing_concurrency
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+        let hasher = PasswordHasher::new(&pepper, settings.password.bcrypt_cost, concurrency).await?;
+
+        let activity = Arc::new(ActivityRecorder::default());
+        let auth = Arc::new(Auth::new(AuthParts {
+            store: store.clone(),
+            hot: hot.clone(),
+            hasher,
+            policy: PasswordPolicy::new(settings.password.min_length, settings.password.max_length),
+            tokens,
+            activity: activity.clone(),
+            sessions: settings.sessions.clone(),
+            leeway: settings.tokens.leeway,
+        }));
+        let republished = auth.republish_recent_revocations().await.context("cannot publish revocations")?;
+        tracing::debug!(republished, "recent revocations published to the hot state");
+
+        let incoming = TcpIncoming::bind(settings.server.listen)
+            .with_context(|| format!("cannot listen on {}", settings.server.listen))?
+            .with_nodelay(Some(true));
+        let addr = incoming.local_addr()?;
+        Ok(Application { settings, incoming, addr, auth, store, hot, activity })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until `shutdown` resolves; then reports NOT_SERVING, stops accepting, and lets
+    /// in-flight calls finish within `server.shutdown_grace`.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        let Application { settings, incoming, addr, auth, store, hot, activity } = self;
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        let (stopping_tx, stopping) = watch::channel(false);
+        // `build` just reached both dependencies; the watcher takes over from here.
+        health::report_all(&health_reporter, tonic_health::ServingStatus::Serving).await;
+
+        let health_task = tokio::spawn(health::watch_dependencies(
+            health_reporter.clone(),
+            store.clone(),
+            hot,
+            settings.server.health_check_interval,
+            stopping.clone(),
+        ));
+        let activity_task = {
+            let (activity, store, mut stopping) = (activity.clone(), store.clone(), stopping.clone());
+            let interval = settings.sessions.activity_flush_interval;
+            tokio::spawn(async move {
+                activity.run(store, interval, async move { _ = stopping.wait_for(|s| *s).await }).await;
+            })
+        };
+
+        let ctx = Arc::new(ApiContext { auth, trusted_proxies: settings.server.trusted_proxies.clone() });
+        let mut reflection = None;
+        let mut reflection_alpha = None;
+        if settings.server.reflection {
+            let builder = || {
+                tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            };
+            reflection = Some(builder().build_v1()?);
+            reflection_alpha = Some(builder().build_v1alpha()?);
+        }
+
+        let (stop_accepting_tx, stop_accepting) = tokio::sync::oneshot::channel::<()>();
+        let server = Server::builder()
+            .trace_fn(|request| tracing::info_span!("rpc", method = %request.uri().path()))
+            .add_service(health_service)
+            .add_optional_service(reflection)
+            .add_optional_service(reflection_alpha)
+            .add_service(pb::auth_service_server::AuthServiceServer::new(AuthApi::new(ctx.clone())))
+            .add_service(pb::session_service_server::SessionServiceServer::new(SessionApi::new(ctx)))
+            .serve_with_incoming_shutdown(incoming, async {
+                _ = stop_accepting.await;
+            });
+        tracing::info!(%addr, "portcullis serving gRPC");
+
+        tokio::pin!(server);
+        tokio::pin!(shutdown);
+        let result = tokio::select! {
+            result = &mut server => result.context("gRPC server failed"),
+            () = &mut shutdown => {
+                tracing::info!(grace = ?settings.server.shutdown_grace, "shutting down: draining in-flight calls");
+                _ = stopping_tx.send(true);
+                health::report_all(&health_reporter, tonic_health::ServingStatus::NotServing).await;
+                _ = stop_accepting_tx.send(());
+                match tokio::time::timeout(settings.server.shutdown_grace, &mut server).await {
+                    Ok(result) => result.context("gRPC server failed"),
+                    Err(_) => {
+                        tracing::warn!("shutdown grace period over: dropping calls still in flight");
+                        Ok(())
+                    }
+                }
+            }
+        };
+        _ = stopping_tx.send(true);
+        _ = tokio::time::timeout(Duration::from_secs(5), activity_task).await;
+        health_task.abort();
+        tracing::info!("portcullis stopped");
+        result
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

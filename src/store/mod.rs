@@ -1,0 +1,226 @@
+//! Durable state: users and sessions. PostgreSQL in production, SQLite by default.
+//!
+//! Both engines implement [`Store`]; `tests/store_conformance.rs` runs one suite against
+//! both so they cannot drift apart. SQL lives in the module of the engine that runs it.
+
+mod postgres;
+mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+/// Everything the flows need from durable storage.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Cheap round trip, for health checks.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Runs this engine's migrations (idempotent).
+    async fn migrate(&self) -> Result<(), StoreError>;
+
+    /// Inserts a user. [`StoreError::Conflict`] names the field when the username or
+    /// email key is taken.
+    async fn create_user(&self, user: &NewUser) -> Result<UserRecord, StoreError>;
+
+    /// Finds a user whose `username_key` or `email_key` equals `login_key`.
+    async fn find_user_by_login(&self, login_key: &str) -> Result<Option<UserRecord>, StoreError>;
+
+    async fn find_user(&self, user_id: Uuid) -> Result<Option<UserRecord>, StoreError>;
+
+    /// Replaces the stored password hash (used to upgrade legacy or outdated hashes).
+    async fn set_password_hash(&self, user_id: Uuid, password_hash: &str) -> Result<(), StoreError>;
+
+    async fn create_session(&self, session: &NewSession) -> Result<SessionRecord, StoreError>;
+
+    /// Atomically replaces the refresh token of the live session whose current refresh
+    /// hash is `rotation.presented_hash`, in ONE conditional statement: of any number of
+    /// concurrent calls with the same presented hash, at most one returns `Rotated`.
+    ///
+    /// A session is live when it is not revoked, `expires_at > now` and
+    /// `refreshed_at > idle_cutoff`. On success `prev_refresh_hash` becomes the presented
+    /// hash and `refreshed_at`/`last_active_at` become `now`.
+    async fn rotate_refresh_token(&self, rotation: &RefreshRotation) -> Result<RotateOutcome, StoreError>;
+
+    async fn find_session(&self, session_id: Uuid) -> Result<Option<SessionRecord>, StoreError>;
+
+    /// Revokes one session of `user_id` (idempotent). Returns `false` when no session with
+    /// that id belongs to that user; `true` when it exists, whether or not it was already
+    /// revoked (so callers can re-publish a revocation).
+    async fn revoke_session(
+        &self,
+        user_id: Uuid,
+        session_id: Uuid,
+        reason: RevokeReason,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
+
+    /// Revokes every unrevoked session of `user_id`, except `keep` if given. Returns the
+    /// ids it revoked.
+    async fn revoke_user_sessions(
+        &self,
+        user_id: Uuid,
+        keep: Option<Uuid>,
+        reason: RevokeReason,
+        now: OffsetDateTime,
+    ) -> Result<Vec<Uuid>, StoreError>;
+
+    /// Sessions of `user_id` that are neither revoked nor past `expires_at`, most recently
+    /// active first.
+    async fn list_active_sessions(
+        &self,
+        user_id: Uuid,
+        now: OffsetDateTime,
+    ) -> Result<Vec<SessionRecord>, StoreError>;
+
+    /// Write-behind of "last active": raises `last_active_at` to the given instant (never
+    /// lowers it) for each session, in one transaction.
+    async fn record_activity(&self, activity: &[(Uuid, OffsetDateTime)]) -> Result<(), StoreError>;
+
+    /// Sessions revoked at or after `since`, with their revocation instant: the
+    /// revocations whose access tokens may still be alive, re-published to the hot state
+    /// at start-up.
+    async fn revoked_since(&self, since: OffsetDateTime) -> Result<Vec<(Uuid, OffsetDateTime)>, StoreError>;
+}
+
+pub type DynStore = Arc<dyn Store>;
+
+/// Storage failures, as the flows need to tell them apart.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A unique key is taken; the field is `"username"` or `"email"`.
+    #[error("{0} already exists")]
+    Conflict(&'static str),
+    /// The database cannot be reached or timed out: retrying later may work.
+    #[error("database unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("database error")]
+    Database(#[source] sqlx::Error),
+    #[error("migration failed")]
+    Migration(#[source] sqlx::migrate::MigrateError),
+    /// A stored value could not be decoded (e.g. a malformed roles column).
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        match error {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(error),
+            other => StoreError::Database(other),
+        }
+    }
+}
+
+/// A user to insert. Keys are the case-folded username and email, unique across users.
+#[derive(Debug, Clone)]
+pub struct NewUser {
+    pub id: Uuid,
+    pub username: String,
+    pub username_key: String,
+    pub email: String,
+    pub email_key: String,
+    pub password_hash: String,
+    pub first_name: String,
+    pub last_name: String,
+    pub roles: Vec<String>,
+    pub created_at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserRecord {
+    pub id: Uuid,
+    pub username: String,
+    pub email: String,
+    pub password_hash: String,
+    pub first_name: String,
+    pub last_name: String,
+    pub roles: Vec<String>,
+    pub email_verified_at: Option<OffsetDateTime>,
+    pub created_at: OffsetDateTime,
+}
+
+/// Where a session was opened from, as parsed at login.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeviceInfo {
+    pub device_type: String,
+    pub browser: String,
+    pub os: String,
+    pub user_agent: String,
+    pub ip_address: String,
+    pub fingerprint: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    /// SHA-256 of the refresh token; the token itself is never stored.
+    pub refresh_hash: Vec<u8>,
+    pub device: DeviceInfo,
+    pub created_at: OffsetDateTime,
+    /// The absolute end of the session.
+    pub expires_at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionRecord {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub device: DeviceInfo,
+    pub created_at: OffsetDateTime,
+    pub last_active_at: OffsetDateTime,
+    /// Last login or refresh: the idle timeout counts from here.
+    pub refreshed_at: OffsetDateTime,
+    pub expires_at: OffsetDateTime,
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RefreshRotation {
+    pub presented_hash: Vec<u8>,
+    pub new_hash: Vec<u8>,
+    pub now: OffsetDateTime,
+    /// Sessions last refreshed at or before this instant are idle-expired.
+    pub idle_cutoff: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RotateOutcome {
+    /// The presented token was current; the session now holds the new hash.
+    Rotated(SessionRecord),
+    /// The presented token is the one rotated away most recently (`prev_refresh_hash`) of
+    /// a session that is not revoked: a replay, or a lost race with a concurrent refresh.
+    Superseded(SessionRecord),
+    /// The presented token is current, but its session is revoked or expired.
+    Dead(SessionRecord),
+    /// No session knows this token.
+    Unknown,
+}
+
+/// Why a session ended; stored with it for support and audit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevokeReason {
+    Logout,
+    RevokedByUser,
+    RefreshTokenReuse,
+}
+
+impl RevokeReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevokeReason::Logout => "logout",
+            RevokeReason::RevokedByUser => "revoked_by_user",
+            RevokeReason::RefreshTokenReuse => "refresh_token_reuse",
+        }
+    }
+}

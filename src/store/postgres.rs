@@ -1,0 +1,366 @@
+//! [`Store`] on PostgreSQL.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, Row, SqlStr};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::{
+    DeviceInfo, NewSession, NewUser, RefreshRotation, RevokeReason, RotateOutcome, SessionRecord, Store,
+    StoreError, UserRecord,
+};
+
+/// The columns [`user_from_row`] reads, as a literal so queries can `concat!` it.
+macro_rules! user_columns {
+    () => {
+        "id, username, email, password_hash, first_name, last_name, roles, email_verified_at, created_at"
+    };
+}
+
+/// The columns [`session_from_row`] reads.
+macro_rules! session_columns {
+    () => {
+        "id, user_id, device_type, browser, os, user_agent, ip_address, device_fingerprint, \
+         created_at, last_active_at, refreshed_at, expires_at, revoked_at"
+    };
+}
+
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    /// Opens a pool and one connection right away, so a wrong or unreachable database fails
+    /// start-up instead of the first request.
+    pub async fn connect(
+        url: &str,
+        max_connections: u32,
+        acquire_timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(acquire_timeout)
+            .connect(url)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    /// Migrations are embedded so `migrate` works from any working directory (and without
+    /// sqlx's `migrate!` macro).
+    fn migrator() -> Migrator {
+        Migrator::with_migrations(vec![Migration::new(
+            1,
+            "users and sessions".into(),
+            MigrationType::Simple,
+            SqlStr::from_static(include_str!("../../migrations/postgres/0001_users_and_sessions.sql")),
+            false,
+        )])
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        Self::migrator().run(&self.pool).await.map_err(StoreError::Migration)
+    }
+
+    async fn create_user(&self, user: &NewUser) -> Result<UserRecord, StoreError> {
+        let row = sqlx::query(concat!(
+            "INSERT INTO users (id, username, username_key, email, email_key, password_hash, \
+             first_name, last_name, roles, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) RETURNING ",
+            user_columns!()
+        ))
+        .bind(user.id)
+        .bind(&user.username)
+        .bind(&user.username_key)
+        .bind(&user.email)
+        .bind(&user.email_key)
+        .bind(&user.password_hash)
+        .bind(&user.first_name)
+        .bind(&user.last_name)
+        .bind(&user.roles)
+        .bind(user.created_at)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(conflict_or_error)?;
+        user_from_row(&row)
+    }
+
+    async fn find_user_by_login(&self, login_key: &str) -> Result<Option<UserRecord>, StoreError> {
+        // A username match wins should one user's username equal another's email.
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            user_columns!(),
+            " FROM users WHERE username_key = $1 OR email_key = $1 \
+             ORDER BY username_key = $1 DESC LIMIT 1"
+        ))
+        .bind(login_key)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    async fn find_user(&self, user_id: Uuid) -> Result<Option<UserRecord>, StoreError> {
+        let row = sqlx::query(concat!("SELECT ", user_columns!(), " FROM users WHERE id = $1"))
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    async fn set_password_hash(&self, user_id: Uuid, password_hash: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE users SET password_hash = $2, updated_at = $3 WHERE id = $1")
+            .bind(user_id)
+            .bind(password_hash)
+            .bind(OffsetDateTime::now_utc())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn create_session(&self, session: &NewSession) -> Result<SessionRecord, StoreError> {
+        let device = &session.device;
+        let row = sqlx::query(concat!(
+            "INSERT INTO sessions (id, user_id, refresh_hash, device_type, browser, os, user_agent, \
+             ip_address, device_fingerprint, created_at, last_active_at, refreshed_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $10, $11) RETURNING ",
+            session_columns!()
+        ))
+        .bind(session.id)
+        .bind(session.user_id)
+        .bind(&session.refresh_hash)
+        .bind(&device.device_type)
+        .bind(&device.browser)
+        .bind(&device.os)
+        .bind(&device.user_agent)
+        .bind(&device.ip_address)
+        .bind(&device.fingerprint)
+        .bind(session.created_at)
+        .bind(session.expires_at)
+        .fetch_one(&self.pool)
+        .await?;
+        session_from_row(&row)
+    }
+
+    async fn rotate_refresh_token(&self, rotation: &RefreshRotation) -> Result<RotateOutcome, StoreError> {
+        // One conditional UPDATE: concurrent callers queue on the row lock, and each re-checks
+        // the WHERE clause against the committed row, so only the first still matches.
+        // GREATEST keeps last_active_at from going backwards should a write-behind have
+        // recorded a later instant.
+        let rotated = sqlx::query(concat!(
+            "UPDATE sessions SET prev_refresh_hash = refresh_hash, refresh_hash = $2, \
+             refreshed_at = $3, last_active_at = GREATEST(last_active_at, $3) \
+             WHERE refresh_hash = $1 AND revoked_at IS NULL AND expires_at > $3 AND refreshed_at > $4 \
+             RETURNING ",
+            session_columns!()
+        ))
+        .bind(&rotation.presented_hash)
+        .bind(&rotation.new_hash)
+        .bind(rotation.now)
+        .bind(rotation.idle_cutoff)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(row) = rotated {
+            return Ok(RotateOutcome::Rotated(session_from_row(&row)?));
+        }
+
+        // Not rotated: say why. A current-hash match is preferred over a previous-hash one.
+        let found = sqlx::query(concat!(
+            "SELECT refresh_hash = $1 AS is_current, ",
+            session_columns!(),
+            " FROM sessions WHERE refresh_hash = $1 OR prev_refresh_hash = $1 \
+             ORDER BY is_current DESC LIMIT 1"
+        ))
+        .bind(&rotation.presented_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = found else {
+            return Ok(RotateOutcome::Unknown);
+        };
+        let is_current: bool = get(&row, "is_current")?;
+        let session = session_from_row(&row)?;
+        Ok(classify(is_current, session))
+    }
+
+    async fn find_session(&self, session_id: Uuid) -> Result<Option<SessionRecord>, StoreError> {
+        let row = sqlx::query(concat!("SELECT ", session_columns!(), " FROM sessions WHERE id = $1"))
+            .bind(session_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(session_from_row).transpose()
+    }
+
+    async fn revoke_session(
+        &self,
+        user_id: Uuid,
+        session_id: Uuid,
+        reason: RevokeReason,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let revoked = sqlx::query(
+            "UPDATE sessions SET revoked_at = $3, revoke_reason = $4 \
+             WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL",
+        )
+        .bind(session_id)
+        .bind(user_id)
+        .bind(now)
+        .bind(reason.as_str())
+        .execute(&self.pool)
+        .await?;
+        if revoked.rows_affected() > 0 {
+            return Ok(true);
+        }
+        // Already revoked (keep the first revocation) or not this user's session.
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sessions WHERE id = $1 AND user_id = $2)")
+                .bind(session_id)
+                .bind(user_id)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(exists)
+    }
+
+    async fn revoke_user_sessions(
+        &self,
+        user_id: Uuid,
+        keep: Option<Uuid>,
+        reason: RevokeReason,
+        now: OffsetDateTime,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        let ids: Vec<Uuid> = sqlx::query_scalar(
+            "UPDATE sessions SET revoked_at = $3, revoke_reason = $4 \
+             WHERE user_id = $1 AND revoked_at IS NULL AND id IS DISTINCT FROM $2 RETURNING id",
+        )
+        .bind(user_id)
+        .bind(keep)
+        .bind(now)
+        .bind(reason.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids)
+    }
+
+    async fn list_active_sessions(
+        &self,
+        user_id: Uuid,
+        now: OffsetDateTime,
+    ) -> Result<Vec<SessionRecord>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            session_columns!(),
+            " FROM sessions WHERE user_id = $1 AND revoked_at IS NULL AND expires_at > $2 \
+             ORDER BY last_active_at DESC, created_at DESC, id"
+        ))
+        .bind(user_id)
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(session_from_row).collect()
+    }
+
+    async fn record_activity(&self, activity: &[(Uuid, OffsetDateTime)]) -> Result<(), StoreError> {
+        if activity.is_empty() {
+            return Ok(());
+        }
+        let (ids, instants): (Vec<Uuid>, Vec<OffsetDateTime>) = activity.iter().copied().unzip();
+        // One statement for the whole batch; duplicates of a session collapse to their latest
+        // instant, and the comparison only ever raises the stored value.
+        sqlx::query(
+            "UPDATE sessions AS s SET last_active_at = a.at \
+             FROM (SELECT id, max(at) AS at FROM UNNEST($1::uuid[], $2::timestamptz[]) AS t (id, at) \
+                   GROUP BY id) AS a \
+             WHERE s.id = a.id AND s.last_active_at < a.at",
+        )
+        .bind(ids)
+        .bind(instants)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn revoked_since(&self, since: OffsetDateTime) -> Result<Vec<(Uuid, OffsetDateTime)>, StoreError> {
+        let rows =
+            sqlx::query("SELECT id, revoked_at FROM sessions WHERE revoked_at >= $1 ORDER BY revoked_at, id")
+                .bind(since)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(|row| Ok((get(row, "id")?, get(row, "revoked_at")?))).collect()
+    }
+}
+
+/// Why a presented hash that the rotation did not match failed, given the session that
+/// knows it (`is_current`: as its current hash, else as its previous one).
+fn classify(is_current: bool, session: SessionRecord) -> RotateOutcome {
+    if is_current || session.revoked_at.is_some() {
+        RotateOutcome::Dead(session)
+    } else {
+        RotateOutcome::Superseded(session)
+    }
+}
+
+/// Unique violations on the user keys become [`StoreError::Conflict`], named by the
+/// constraints of the migration (`users_username_key_unique`, `users_email_key_unique`).
+fn conflict_or_error(error: sqlx::Error) -> StoreError {
+    if let sqlx::Error::Database(db) = &error
+        && db.is_unique_violation()
+    {
+        match db.constraint() {
+            Some(name) if name.contains("username") => return StoreError::Conflict("username"),
+            Some(name) if name.contains("email") => return StoreError::Conflict("email"),
+            _ => {}
+        }
+    }
+    error.into()
+}
+
+/// Reads one column; a value that does not decode is a corrupt row, not a panic.
+fn get<'r, T>(row: &'r PgRow, column: &str) -> Result<T, StoreError>
+where
+    T: sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres>,
+{
+    row.try_get(column).map_err(|error| StoreError::Corrupt(format!("column {column}: {error}")))
+}
+
+fn user_from_row(row: &PgRow) -> Result<UserRecord, StoreError> {
+    Ok(UserRecord {
+        id: get(row, "id")?,
+        username: get(row, "username")?,
+        email: get(row, "email")?,
+        password_hash: get(row, "password_hash")?,
+        first_name: get(row, "first_name")?,
+        last_name: get(row, "last_name")?,
+        roles: get(row, "roles")?,
+        email_verified_at: get(row, "email_verified_at")?,
+        created_at: get(row, "created_at")?,
+    })
+}
+
+fn session_from_row(row: &PgRow) -> Result<SessionRecord, StoreError> {
+    Ok(SessionRecord {
+        id: get(row, "id")?,
+        user_id: get(row, "user_id")?,
+        device: DeviceInfo {
+            device_type: get(row, "device_type")?,
+            browser: get(row, "browser")?,
+            os: get(row, "os")?,
+            user_agent: get(row, "user_agent")?,
+            ip_address: get(row, "ip_address")?,
+            fingerprint: get(row, "device_fingerprint")?,
+        },
+        created_at: get(row, "created_at")?,
+        last_active_at: get(row, "last_active_at")?,
+        refreshed_at: get(row, "refreshed_at")?,
+        expires_at: get(row, "expires_at")?,
+        revoked_at: get(row, "revoked_at")?,
+    })
+}

@@ -1,0 +1,436 @@
+//! [`Store`] on SQLite: the default engine, for single-node deployments.
+//!
+//! Instants are stored as INTEGER Unix microseconds (see the migration); ids as 16-byte
+//! BLOBs; roles as a JSON array in TEXT.
+//!
+//! Concurrency: SQLite has one writer at a time. Single-statement writes (autocommit) wait
+//! for the write lock through `busy_timeout`. A deferred transaction that reads and then
+//! writes cannot wait (SQLite fails it at once with "database is locked"), so every
+//! multi-statement write transaction starts with `BEGIN IMMEDIATE`.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Row, SqlStr, Sqlite};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::{
+    DeviceInfo, NewSession, NewUser, RefreshRotation, RevokeReason, RotateOutcome, SessionRecord, Store,
+    StoreError, UserRecord,
+};
+
+/// The columns [`user_from_row`] reads, as a literal so queries can `concat!` it.
+macro_rules! user_columns {
+    () => {
+        "id, username, email, password_hash, first_name, last_name, roles, email_verified_at, created_at"
+    };
+}
+
+/// The columns [`session_from_row`] reads.
+macro_rules! session_columns {
+    () => {
+        "id, user_id, device_type, browser, os, user_agent, ip_address, device_fingerprint, \
+         created_at, last_active_at, refreshed_at, expires_at, revoked_at"
+    };
+}
+
+/// How long a statement waits for another connection's write lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating it and its directory if missing) the database at `url`, e.g.
+    /// `sqlite://data/portcullis.db` or `sqlite::memory:`, with one connection opened right
+    /// away so a bad path fails start-up.
+    pub async fn connect(
+        url: &str,
+        max_connections: u32,
+        acquire_timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT)
+            .synchronous(SqliteSynchronous::Normal);
+        let pool_options = SqlitePoolOptions::new().acquire_timeout(acquire_timeout);
+
+        let pool = if url.contains(":memory:") || url.contains("mode=memory") {
+            // An in-memory database lives as long as one connection to it: keep exactly one,
+            // forever. (WAL does not apply to memory databases.)
+            pool_options
+                .max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .connect_with(options)
+                .await?
+        } else {
+            if let Some(parent) = options.get_filename().parent()
+                && !parent.as_os_str().is_empty()
+            {
+                tokio::fs::create_dir_all(parent)
+                    .await
+                    .map_err(|error| StoreError::Unavailable(sqlx::Error::Io(error)))?;
+            }
+            // WAL: readers never block the writer nor the writer readers.
+            pool_options
+                .max_connections(max_connections.max(1))
+                .connect_with(options.journal_mode(SqliteJournalMode::Wal))
+                .await?
+        };
+        Ok(Self { pool })
+    }
+
+    /// Migrations are embedded so `migrate` works from any working directory (and without
+    /// sqlx's `migrate!` macro).
+    fn migrator() -> Migrator {
+        Migrator::with_migrations(vec![Migration::new(
+            1,
+            "users and sessions".into(),
+            MigrationType::Simple,
+            SqlStr::from_static(include_str!("../../migrations/sqlite/0001_users_and_sessions.sql")),
+            false,
+        )])
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        Self::migrator().run(&self.pool).await.map_err(StoreError::Migration)
+    }
+
+    async fn create_user(&self, user: &NewUser) -> Result<UserRecord, StoreError> {
+        let roles = serde_json::to_string(&user.roles)
+            .map_err(|error| StoreError::Corrupt(format!("roles do not encode: {error}")))?;
+        // RETURNING rows are read with fetch_all: the statement must run to completion for
+        // its autocommit transaction to end.
+        let rows = sqlx::query(concat!(
+            "INSERT INTO users (id, username, username_key, email, email_key, password_hash, \
+             first_name, last_name, roles, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) RETURNING ",
+            user_columns!()
+        ))
+        .bind(user.id)
+        .bind(&user.username)
+        .bind(&user.username_key)
+        .bind(&user.email)
+        .bind(&user.email_key)
+        .bind(&user.password_hash)
+        .bind(&user.first_name)
+        .bind(&user.last_name)
+        .bind(roles)
+        .bind(micros(user.created_at))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(conflict_or_error)?;
+        let row = rows.first().ok_or_else(|| StoreError::Corrupt("INSERT returned no row".into()))?;
+        user_from_row(row)
+    }
+
+    async fn find_user_by_login(&self, login_key: &str) -> Result<Option<UserRecord>, StoreError> {
+        // A username match wins should one user's username equal another's email.
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            user_columns!(),
+            " FROM users WHERE username_key = $1 OR email_key = $1 \
+             ORDER BY username_key = $1 DESC LIMIT 1"
+        ))
+        .bind(login_key)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    async fn find_user(&self, user_id: Uuid) -> Result<Option<UserRecord>, StoreError> {
+        let row = sqlx::query(concat!("SELECT ", user_columns!(), " FROM users WHERE id = $1"))
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    async fn set_password_hash(&self, user_id: Uuid, password_hash: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE users SET password_hash = $2, updated_at = $3 WHERE id = $1")
+            .bind(user_id)
+            .bind(password_hash)
+            .bind(micros(OffsetDateTime::now_utc()))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn create_session(&self, session: &NewSession) -> Result<SessionRecord, StoreError> {
+        let device = &session.device;
+        let rows = sqlx::query(concat!(
+            "INSERT INTO sessions (id, user_id, refresh_hash, device_type, browser, os, user_agent, \
+             ip_address, device_fingerprint, created_at, last_active_at, refreshed_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $10, $11) RETURNING ",
+            session_columns!()
+        ))
+        .bind(session.id)
+        .bind(session.user_id)
+        .bind(&session.refresh_hash)
+        .bind(&device.device_type)
+        .bind(&device.browser)
+        .bind(&device.os)
+        .bind(&device.user_agent)
+        .bind(&device.ip_address)
+        .bind(&device.fingerprint)
+        .bind(micros(session.created_at))
+        .bind(micros(session.expires_at))
+        .fetch_all(&self.pool)
+        .await?;
+        let row = rows.first().ok_or_else(|| StoreError::Corrupt("INSERT returned no row".into()))?;
+        session_from_row(row)
+    }
+
+    async fn rotate_refresh_token(&self, rotation: &RefreshRotation) -> Result<RotateOutcome, StoreError> {
+        // One conditional UPDATE in autocommit: it takes the write lock before reading
+        // (waiting through busy_timeout), so concurrent callers run one after another and
+        // only the first still finds the presented hash current. `max` keeps last_active_at
+        // from going backwards should a write-behind have recorded a later instant.
+        let now = micros(rotation.now);
+        let rotated = sqlx::query(concat!(
+            "UPDATE sessions SET prev_refresh_hash = refresh_hash, refresh_hash = $2, \
+             refreshed_at = $3, last_active_at = max(last_active_at, $3) \
+             WHERE refresh_hash = $1 AND revoked_at IS NULL AND expires_at > $3 AND refreshed_at > $4 \
+             RETURNING ",
+            session_columns!()
+        ))
+        .bind(&rotation.presented_hash)
+        .bind(&rotation.new_hash)
+        .bind(now)
+        .bind(micros(rotation.idle_cutoff))
+        .fetch_all(&self.pool)
+        .await?;
+        if let Some(row) = rotated.first() {
+            return Ok(RotateOutcome::Rotated(session_from_row(row)?));
+        }
+
+        // Not rotated: say why. A current-hash match is preferred over a previous-hash one.
+        let found = sqlx::query(concat!(
+            "SELECT refresh_hash = $1 AS is_current, ",
+            session_columns!(),
+            " FROM sessions WHERE refresh_hash = $1 OR prev_refresh_hash = $1 \
+             ORDER BY is_current DESC LIMIT 1"
+        ))
+        .bind(&rotation.presented_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = found else {
+            return Ok(RotateOutcome::Unknown);
+        };
+        let is_current: bool = get(&row, "is_current")?;
+        let session = session_from_row(&row)?;
+        Ok(classify(is_current, session))
+    }
+
+    async fn find_session(&self, session_id: Uuid) -> Result<Option<SessionRecord>, StoreError> {
+        let row = sqlx::query(concat!("SELECT ", session_columns!(), " FROM sessions WHERE id = $1"))
+            .bind(session_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(session_from_row).transpose()
+    }
+
+    async fn revoke_session(
+        &self,
+        user_id: Uuid,
+        session_id: Uuid,
+        reason: RevokeReason,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let revoked = sqlx::query(
+            "UPDATE sessions SET revoked_at = $3, revoke_reason = $4 \
+             WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL",
+        )
+        .bind(session_id)
+        .bind(user_id)
+        .bind(micros(now))
+        .bind(reason.as_str())
+        .execute(&self.pool)
+        .await?;
+        if revoked.rows_affected() > 0 {
+            return Ok(true);
+        }
+        // Already revoked (keep the first revocation) or not this user's session.
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sessions WHERE id = $1 AND user_id = $2)")
+                .bind(session_id)
+                .bind(user_id)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(exists)
+    }
+
+    async fn revoke_user_sessions(
+        &self,
+        user_id: Uuid,
+        keep: Option<Uuid>,
+        reason: RevokeReason,
+        now: OffsetDateTime,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        // `IS NOT` is SQLite's null-safe inequality: with no `keep`, every session qualifies.
+        let ids: Vec<Uuid> = sqlx::query_scalar(
+            "UPDATE sessions SET revoked_at = $3, revoke_reason = $4 \
+             WHERE user_id = $1 AND revoked_at IS NULL AND id IS NOT $2 RETURNING id",
+        )
+        .bind(user_id)
+        .bind(keep)
+        .bind(micros(now))
+        .bind(reason.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids)
+    }
+
+    async fn list_active_sessions(
+        &self,
+        user_id: Uuid,
+        now: OffsetDateTime,
+    ) -> Result<Vec<SessionRecord>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            session_columns!(),
+            " FROM sessions WHERE user_id = $1 AND revoked_at IS NULL AND expires_at > $2 \
+             ORDER BY last_active_at DESC, created_at DESC, id"
+        ))
+        .bind(user_id)
+        .bind(micros(now))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(session_from_row).collect()
+    }
+
+    async fn record_activity(&self, activity: &[(Uuid, OffsetDateTime)]) -> Result<(), StoreError> {
+        if activity.is_empty() {
+            return Ok(());
+        }
+        // Several writes: take the write lock up front (see the module comment).
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for (session_id, at) in activity {
+            // The comparison only ever raises the stored value.
+            sqlx::query("UPDATE sessions SET last_active_at = $2 WHERE id = $1 AND last_active_at < $2")
+                .bind(session_id)
+                .bind(micros(*at))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn revoked_since(&self, since: OffsetDateTime) -> Result<Vec<(Uuid, OffsetDateTime)>, StoreError> {
+        let rows =
+            sqlx::query("SELECT id, revoked_at FROM sessions WHERE revoked_at >= $1 ORDER BY revoked_at, id")
+                .bind(micros(since))
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(|row| Ok((get(row, "id")?, instant(row, "revoked_at")?))).collect()
+    }
+}
+
+/// Why a presented hash that the rotation did not match failed, given the session that
+/// knows it (`is_current`: as its current hash, else as its previous one).
+fn classify(is_current: bool, session: SessionRecord) -> RotateOutcome {
+    if is_current || session.revoked_at.is_some() {
+        RotateOutcome::Dead(session)
+    } else {
+        RotateOutcome::Superseded(session)
+    }
+}
+
+/// Unique violations on the user keys become [`StoreError::Conflict`]. SQLite names the
+/// column, not the constraint: "UNIQUE constraint failed: users.username_key".
+fn conflict_or_error(error: sqlx::Error) -> StoreError {
+    if let sqlx::Error::Database(db) = &error
+        && db.is_unique_violation()
+    {
+        if db.message().contains("users.username_key") {
+            return StoreError::Conflict("username");
+        }
+        if db.message().contains("users.email_key") {
+            return StoreError::Conflict("email");
+        }
+    }
+    error.into()
+}
+
+/// An instant as stored: Unix time in microseconds (sub-microsecond digits are dropped,
+/// as PostgreSQL does).
+fn micros(instant: OffsetDateTime) -> i64 {
+    // Every OffsetDateTime (years ±9999) fits in i64 microseconds.
+    instant.unix_timestamp_nanos().div_euclid(1_000) as i64
+}
+
+fn from_micros(column: &str, micros: i64) -> Result<OffsetDateTime, StoreError> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1_000)
+        .map_err(|error| StoreError::Corrupt(format!("column {column}: {error}")))
+}
+
+/// Reads one column; a value that does not decode is a corrupt row, not a panic.
+fn get<'r, T>(row: &'r SqliteRow, column: &str) -> Result<T, StoreError>
+where
+    T: sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>,
+{
+    row.try_get(column).map_err(|error| StoreError::Corrupt(format!("column {column}: {error}")))
+}
+
+fn instant(row: &SqliteRow, column: &str) -> Result<OffsetDateTime, StoreError> {
+    from_micros(column, get(row, column)?)
+}
+
+fn optional_instant(row: &SqliteRow, column: &str) -> Result<Option<OffsetDateTime>, StoreError> {
+    get::<Option<i64>>(row, column)?.map(|micros| from_micros(column, micros)).transpose()
+}
+
+fn user_from_row(row: &SqliteRow) -> Result<UserRecord, StoreError> {
+    let roles: String = get(row, "roles")?;
+    Ok(UserRecord {
+        id: get(row, "id")?,
+        username: get(row, "username")?,
+        email: get(row, "email")?,
+        password_hash: get(row, "password_hash")?,
+        first_name: get(row, "first_name")?,
+        last_name: get(row, "last_name")?,
+        roles: serde_json::from_str(&roles)
+            .map_err(|error| StoreError::Corrupt(format!("column roles: {error}")))?,
+        email_verified_at: optional_instant(row, "email_verified_at")?,
+        created_at: instant(row, "created_at")?,
+    })
+}
+
+fn session_from_row(row: &SqliteRow) -> Result<SessionRecord, StoreError> {
+    Ok(SessionRecord {
+        id: get(row, "id")?,
+        user_id: get(row, "user_id")?,
+        device: DeviceInfo {
+            device_type: get(row, "device_type")?,
+            browser: get(row, "browser")?,
+            os: get(row, "os")?,
+            user_agent: get(row, "user_agent")?,
+            ip_address: get(row, "ip_address")?,
+            fingerprint: get(row, "device_fingerprint")?,
+        },
+        created_at: instant(row, "created_at")?,
+        last_active_at: instant(row, "last_active_at")?,
+        refreshed_at: instant(row, "refreshed_at")?,
+        expires_at: instant(row, "expires_at")?,
+        revoked_at: optional_instant(row, "revoked_at")?,
+    })
+}

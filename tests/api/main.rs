@@ -1,0 +1,15 @@
+//! End-to-end tests: gRPC calls to a server spawned on a random port, on the embedded
+//! default (SQLite + memory) and on PostgreSQL + Redis. One test binary, several modules.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod harness;
+
+mod bad_tokens;
+mod concurrency;
+mod login;
+mod operations;
+mod refresh;
+mod register;
+mod sessions;
