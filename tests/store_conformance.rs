@@ -76,8 +76,8 @@ conformance!(
     revoked_since,
 );
 
-/// Engine-specific behaviour of [`SqliteStore::connect`].
-mod sqlite_connect {
+/// Behaviour of SQLite alone: opening, in-memory databases, corrupt rows.
+mod sqlite_specific {
     use super::*;
 
     #[tokio::test]
@@ -99,6 +99,19 @@ mod sqlite_connect {
         cases::create_and_find_user(store.clone()).await;
         cases::concurrent_rotations_rotate_once(store).await;
     }
+
+    #[tokio::test]
+    async fn malformed_roles_are_corrupt_not_a_panic() {
+        let (store, dir) = sqlite_store().await;
+        let user = cases::new_user("mallory");
+        store.create_user(&user).await.unwrap();
+
+        let url = format!("sqlite://{}", dir.path().join("portcullis.db").display());
+        let raw = sqlx::SqlitePool::connect(&url).await.unwrap();
+        sqlx::query("UPDATE users SET roles = '{not json'").execute(&raw).await.unwrap();
+        let result = store.find_user(user.id).await;
+        assert!(matches!(result, Err(portcullis::store::StoreError::Corrupt(_))), "{result:?}");
+    }
 }
 
 mod cases {
@@ -115,7 +128,7 @@ mod cases {
         now.replace_nanosecond(now.nanosecond() / 1_000 * 1_000).expect("valid nanosecond")
     }
 
-    fn new_user(name: &str) -> NewUser {
+    pub fn new_user(name: &str) -> NewUser {
         NewUser {
             id: Uuid::new_v4(),
             username: name.to_owned(),
