@@ -274,7 +274,10 @@ impl Settings {
         if self.sessions.absolute_lifetime < self.tokens.access_ttl {
             return invalid("sessions.absolute_lifetime must be at least tokens.access_ttl");
         }
-        if self.database_url().starts_with("postgres") && self.redis_url.is_none() && !self.allow_memory_hot_state {
+        if self.database_url().starts_with("postgres")
+            && self.redis_url.is_none()
+            && !self.allow_memory_hot_state
+        {
             return invalid(
                 "PostgreSQL without Redis would keep revocations per replica; set redis_url \
                  (PORTCULLIS_REDIS_URL), or allow_memory_hot_state = true for a single replica",
@@ -337,7 +340,10 @@ mod tests {
 
     #[test]
     fn redacts_passwords_in_urls() {
-        assert_eq!(redact_url("postgres://app:s3cret@db:5432/auth"), "postgres://app:<redacted>@db:5432/auth");
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/auth"),
+            "postgres://app:<redacted>@db:5432/auth"
+        );
         assert_eq!(redact_url("redis://:pw@cache:6379"), "redis://:<redacted>@cache:6379");
         assert_eq!(redact_url("redis://cache:6379"), "redis://cache:6379");
         assert_eq!(redact_url("postgres://h/db?password=x"), "postgres://h/db?<redacted>");

@@ -17,9 +17,9 @@ fn grpcurl() -> Option<PathBuf> {
     if let Ok(path) = std::env::var("PORTCULLIS_GRPCURL") {
         return Some(path.into());
     }
-    let tools = std::env::var("PORTCULLIS_TOOLS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/portcullis/tools"));
+    let tools = std::env::var("PORTCULLIS_TOOLS_DIR").map(PathBuf::from).unwrap_or_else(|_| {
+        PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/portcullis/tools")
+    });
     let path = tools.join("bin/grpcurl");
     path.exists().then_some(path)
 }
@@ -64,7 +64,10 @@ impl Grpcurl {
 #[test]
 fn a_fresh_directory_serves_register_login_validate_through_grpcurl() {
     let Some(bin) = grpcurl() else {
-        assert!(std::env::var("CI").is_err(), "grpcurl is missing under CI: run scripts/install-test-tools.sh");
+        assert!(
+            std::env::var("CI").is_err(),
+            "grpcurl is missing under CI: run scripts/install-test-tools.sh"
+        );
         eprintln!("SKIPPED grpcurl smoke test: grpcurl not installed (run scripts/install-test-tools.sh)");
         return;
     };
@@ -120,8 +123,11 @@ fn a_fresh_directory_serves_register_login_validate_through_grpcurl() {
         &[],
     );
     let access = login["authenticated"]["tokens"]["accessToken"].as_str().expect("access token").to_string();
-    let validated =
-        grpcurl.call("portcullis.v1.AuthService/ValidateToken", &serde_json::json!({"token": access}).to_string(), &[]);
+    let validated = grpcurl.call(
+        "portcullis.v1.AuthService/ValidateToken",
+        &serde_json::json!({"token": access}).to_string(),
+        &[],
+    );
     assert_eq!(validated["valid"], true);
     assert_eq!(validated["userId"], registered["user"]["id"]);
 
@@ -130,8 +136,11 @@ fn a_fresh_directory_serves_register_login_validate_through_grpcurl() {
     assert_eq!(sessions["sessions"].as_array().unwrap().len(), 1);
     assert_eq!(sessions["sessions"][0]["current"], true);
     grpcurl.call("portcullis.v1.AuthService/Logout", "{}", &[&auth_header]);
-    let revoked =
-        grpcurl.call("portcullis.v1.AuthService/ValidateToken", &serde_json::json!({"token": access}).to_string(), &[]);
+    let revoked = grpcurl.call(
+        "portcullis.v1.AuthService/ValidateToken",
+        &serde_json::json!({"token": access}).to_string(),
+        &[],
+    );
     assert_eq!(revoked["reason"], "TOKEN_INVALID_REASON_SESSION_REVOKED");
 
     // The embedded default made its own key, pepper and database under ./data.

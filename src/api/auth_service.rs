@@ -28,7 +28,10 @@ impl AuthApi {
 
 #[tonic::async_trait]
 impl AuthService for AuthApi {
-    async fn register(&self, request: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
         let r = request.into_inner();
         let registration = Registration {
             username: r.username,
@@ -42,7 +45,8 @@ impl AuthService for AuthApi {
     }
 
     async fn login(&self, request: Request<pb::LoginRequest>) -> Result<Response<pb::LoginResponse>, Status> {
-        let client = client_info(&request, request.get_ref().client.as_ref(), &self.ctx.trusted_proxies).map_err(to_status)?;
+        let client = client_info(&request, request.get_ref().client.as_ref(), &self.ctx.trusted_proxies)
+            .map_err(to_status)?;
         let r = request.into_inner();
         let outcome = self.ctx.auth.login(&r.identifier, &r.password, &client).await.map_err(to_status)?;
         let authenticated = pb::AuthenticatedSession {
@@ -50,15 +54,23 @@ impl AuthService for AuthApi {
             session: Some(convert::session(outcome.session, true)),
             user: Some(convert::user(outcome.user)),
         };
-        Ok(Response::new(pb::LoginResponse { outcome: Some(pb::login_response::Outcome::Authenticated(authenticated)) }))
+        Ok(Response::new(pb::LoginResponse {
+            outcome: Some(pb::login_response::Outcome::Authenticated(authenticated)),
+        }))
     }
 
-    async fn refresh(&self, request: Request<pb::RefreshRequest>) -> Result<Response<pb::RefreshResponse>, Status> {
+    async fn refresh(
+        &self,
+        request: Request<pb::RefreshRequest>,
+    ) -> Result<Response<pb::RefreshResponse>, Status> {
         let tokens = self.ctx.auth.refresh(&request.into_inner().refresh_token).await.map_err(to_status)?;
         Ok(Response::new(pb::RefreshResponse { tokens: Some(convert::tokens(tokens)) }))
     }
 
-    async fn logout(&self, request: Request<pb::LogoutRequest>) -> Result<Response<pb::LogoutResponse>, Status> {
+    async fn logout(
+        &self,
+        request: Request<pb::LogoutRequest>,
+    ) -> Result<Response<pb::LogoutResponse>, Status> {
         let principal = self.ctx.auth.authenticate(bearer(request.metadata())).await.map_err(to_status)?;
         self.ctx.auth.logout(&principal).await.map_err(to_status)?;
         Ok(Response::new(pb::LogoutResponse {}))

@@ -12,7 +12,11 @@ use tonic::{Request, metadata::MetadataMap};
 use super::pb;
 use crate::auth::{AuthError, ClientInfo};
 
-pub fn client_info<T>(request: &Request<T>, context: Option<&pb::ClientContext>, trusted: &[IpNet]) -> Result<ClientInfo, AuthError> {
+pub fn client_info<T>(
+    request: &Request<T>,
+    context: Option<&pb::ClientContext>,
+    trusted: &[IpNet],
+) -> Result<ClientInfo, AuthError> {
     let metadata = request.metadata();
     let context = context.cloned().unwrap_or_default();
     let ip = if context.ip_address.trim().is_empty() {
@@ -23,7 +27,11 @@ pub fn client_info<T>(request: &Request<T>, context: Option<&pb::ClientContext>,
         })?)
     };
     let or_metadata = |value: String, key: &str| {
-        if value.is_empty() { metadata.get(key).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string() } else { value }
+        if value.is_empty() {
+            metadata.get(key).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
+        } else {
+            value
+        }
     };
     Ok(ClientInfo {
         ip,
@@ -37,7 +45,12 @@ fn client_ip(peer: IpAddr, metadata: &MetadataMap, trusted: &[IpNet]) -> IpAddr 
     if !is_trusted(&peer) {
         return peer;
     }
-    let forwarded = metadata.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join(",");
+    let forwarded = metadata
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(",");
     // Walk from the nearest hop outwards; the first address we do not trust is the client.
     let mut client = peer;
     for hop in forwarded.rsplit(',').map(str::trim).filter(|h| !h.is_empty()) {

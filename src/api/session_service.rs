@@ -52,9 +52,14 @@ impl SessionService for SessionApi {
     ) -> Result<Response<pb::RevokeSessionResponse>, Status> {
         let principal = self.principal(&request).await?;
         let raw = request.into_inner().session_id;
-        let session_id = Uuid::parse_str(raw.trim())
-            .map_err(|_| to_status(AuthError::invalid("session_id", "session_id must be a session id (a UUID)")))?;
-        self.ctx.auth.revoke_session(&principal, session_id, RevokeReason::RevokedByUser).await.map_err(to_status)?;
+        let session_id = Uuid::parse_str(raw.trim()).map_err(|_| {
+            to_status(AuthError::invalid("session_id", "session_id must be a session id (a UUID)"))
+        })?;
+        self.ctx
+            .auth
+            .revoke_session(&principal, session_id, RevokeReason::RevokedByUser)
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(pb::RevokeSessionResponse {}))
     }
 

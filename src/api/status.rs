@@ -27,7 +27,8 @@ pub fn to_status(error: AuthError) -> Status {
             (Code::InvalidArgument, message, "INVALID_ARGUMENT", details)
         }
         AuthError::AlreadyExists(field) => {
-            let details = ErrorDetails::with_bad_request_violation(field, format!("{field} is already taken"));
+            let details =
+                ErrorDetails::with_bad_request_violation(field, format!("{field} is already taken"));
             let reason = if field == "email" { "EMAIL_TAKEN" } else { "USERNAME_TAKEN" };
             (Code::AlreadyExists, format!("{field} is already taken"), reason, details)
         }
@@ -47,7 +48,9 @@ pub fn to_status(error: AuthError) -> Status {
             let (message, reason) = bearer_problem(problem);
             (Code::Unauthenticated, message.into(), reason, ErrorDetails::new())
         }
-        AuthError::NotFound(what) => (Code::NotFound, format!("{what} not found"), "NOT_FOUND", ErrorDetails::new()),
+        AuthError::NotFound(what) => {
+            (Code::NotFound, format!("{what} not found"), "NOT_FOUND", ErrorDetails::new())
+        }
         AuthError::Unavailable(cause) => {
             tracing::warn!(error = format!("{cause:#}"), "dependency unavailable");
             (
@@ -68,7 +71,9 @@ pub fn to_status(error: AuthError) -> Status {
 
 fn bearer_problem(problem: BearerProblem) -> (&'static str, &'static str) {
     match problem {
-        BearerProblem::Missing => ("missing bearer token: send `authorization: Bearer <access token>`", "MISSING_TOKEN"),
+        BearerProblem::Missing => {
+            ("missing bearer token: send `authorization: Bearer <access token>`", "MISSING_TOKEN")
+        }
         BearerProblem::SessionRevoked => ("session has ended", "SESSION_REVOKED"),
         BearerProblem::Rejected(rejection) => match rejection {
             TokenRejection::Expired => ("access token expired", "TOKEN_EXPIRED"),

@@ -45,7 +45,12 @@ impl ActivityRecorder {
     }
 
     /// Flushes every `interval` until `stop` resolves, then once more.
-    pub async fn run(&self, store: DynStore, interval: Duration, stop: impl std::future::Future<Output = ()>) {
+    pub async fn run(
+        &self,
+        store: DynStore,
+        interval: Duration,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(stop);

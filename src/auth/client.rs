@@ -27,10 +27,16 @@ impl ClientInfo {
         let user_agent: String = truncate(&self.user_agent, MAX_USER_AGENT);
         let (device_type, browser, os) = match PARSER.parse(&user_agent) {
             Some(ua) => {
-                let known = |s: &str| if s == woothee::woothee::VALUE_UNKNOWN { String::new() } else { s.to_string() };
+                let known = |s: &str| {
+                    if s == woothee::woothee::VALUE_UNKNOWN { String::new() } else { s.to_string() }
+                };
                 let device_type = match ua.category {
                     "pc" => "desktop",
-                    "smartphone" if ua.os == "iPad" || (ua.os == "Android" && !user_agent.contains("Mobile")) => "tablet",
+                    "smartphone"
+                        if ua.os == "iPad" || (ua.os == "Android" && !user_agent.contains("Mobile")) =>
+                    {
+                        "tablet"
+                    }
                     "smartphone" | "mobilephone" => "mobile",
                     "crawler" => "crawler",
                     _ => "unknown",
@@ -64,20 +70,31 @@ mod tests {
     use super::*;
 
     fn device(ua: &str) -> DeviceInfo {
-        ClientInfo { ip: Some("203.0.113.9".parse().unwrap()), user_agent: ua.into(), fingerprint: "fp".into() }.device()
+        ClientInfo {
+            ip: Some("203.0.113.9".parse().unwrap()),
+            user_agent: ua.into(),
+            fingerprint: "fp".into(),
+        }
+        .device()
     }
 
     #[test]
     fn parses_common_user_agents() {
-        let chrome = device("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36");
+        let chrome = device(
+            "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36",
+        );
         assert_eq!((chrome.device_type.as_str(), chrome.browser.as_str()), ("desktop", "Chrome 120"));
         assert!(chrome.os.starts_with("Windows"), "{}", chrome.os);
         assert_eq!(chrome.ip_address, "203.0.113.9");
 
-        let iphone = device("Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.1 Mobile/15E148 Safari/604.1");
+        let iphone = device(
+            "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.1 Mobile/15E148 Safari/604.1",
+        );
         assert_eq!((iphone.device_type.as_str(), iphone.os.as_str()), ("mobile", "iPhone"));
 
-        let ipad = device("Mozilla/5.0 (iPad; CPU OS 16_0 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/16.0 Mobile/15E148 Safari/604.1");
+        let ipad = device(
+            "Mozilla/5.0 (iPad; CPU OS 16_0 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/16.0 Mobile/15E148 Safari/604.1",
+        );
         assert_eq!(ipad.device_type, "tablet");
 
         let bot = device("Googlebot/2.1 (+http://www.google.com/bot.html)");

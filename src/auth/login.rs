@@ -21,8 +21,14 @@ pub struct LoginOutcome {
 }
 
 impl Auth {
-    pub async fn login(&self, identifier: &str, password: &str, client: &ClientInfo) -> Result<LoginOutcome, AuthError> {
-        let identifier = LoginIdentifier::parse(identifier).map_err(|e| AuthError::invalid("identifier", format!("identifier {e}")))?;
+    pub async fn login(
+        &self,
+        identifier: &str,
+        password: &str,
+        client: &ClientInfo,
+    ) -> Result<LoginOutcome, AuthError> {
+        let identifier = LoginIdentifier::parse(identifier)
+            .map_err(|e| AuthError::invalid("identifier", format!("identifier {e}")))?;
         if password.is_empty() {
             return Err(AuthError::invalid("password", "password is required"));
         }

@@ -117,7 +117,8 @@ impl Auth {
             email_verified: user.email_verified_at.is_some(),
         };
         let (token, claims) = self.tokens.issue(&subject, now).map_err(|e| AuthError::Internal(e.into()))?;
-        let expires_at = OffsetDateTime::from_unix_timestamp(claims.exp).map_err(|e| AuthError::Internal(e.into()))?;
+        let expires_at =
+            OffsetDateTime::from_unix_timestamp(claims.exp).map_err(|e| AuthError::Internal(e.into()))?;
         let idle_end = session.refreshed_at + self.sessions.idle_timeout;
         Ok(IssuedTokens {
             access: IssuedAccessToken { token, expires_at },

@@ -27,7 +27,8 @@ impl Auth {
         match self.store.rotate_refresh_token(&rotation).await? {
             RotateOutcome::Rotated(session) => {
                 // Roles and verification state are read afresh: changes apply at refresh.
-                let user = self.store.find_user(session.user_id).await?.ok_or(AuthError::InvalidRefreshToken)?;
+                let user =
+                    self.store.find_user(session.user_id).await?.ok_or(AuthError::InvalidRefreshToken)?;
                 self.issue_tokens(&user, &session, new_token, now)
             }
             RotateOutcome::Superseded(session) => {
@@ -40,7 +41,9 @@ impl Auth {
                         session_id = %session.id,
                         "refresh token reuse detected: revoking the session"
                     );
-                    self.store.revoke_session(session.user_id, session.id, RevokeReason::RefreshTokenReuse, now).await?;
+                    self.store
+                        .revoke_session(session.user_id, session.id, RevokeReason::RefreshTokenReuse, now)
+                        .await?;
                     self.publish_revocations(&[session.id]).await?;
                 }
                 Err(AuthError::InvalidRefreshToken)

@@ -59,7 +59,11 @@ impl Auth {
 }
 
 /// The parsed value, or `None` with the problem noted against `name`.
-fn field<T>(violations: &mut Vec<FieldViolation>, name: &'static str, parsed: Result<T, String>) -> Option<T> {
+fn field<T>(
+    violations: &mut Vec<FieldViolation>,
+    name: &'static str,
+    parsed: Result<T, String>,
+) -> Option<T> {
     parsed.map_err(|e| violations.push(FieldViolation::new(name, format!("{name} {e}")))).ok()
 }
 

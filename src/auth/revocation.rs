@@ -25,7 +25,8 @@ impl Auth {
         let revoked = self.store.revoked_since(since).await?;
         for (session, revoked_at) in &revoked {
             let remaining = (*revoked_at + self.revocation_ttl - now).max(time::Duration::ZERO);
-            let ttl = Duration::try_from(remaining).unwrap_or(self.revocation_ttl).max(Duration::from_secs(1));
+            let ttl =
+                Duration::try_from(remaining).unwrap_or(self.revocation_ttl).max(Duration::from_secs(1));
             self.hot.revoke_session(*session, ttl).await?;
         }
         Ok(revoked.len())

@@ -23,12 +23,17 @@ impl Auth {
                 session.last_active_at = session.last_active_at.max(seen);
             }
         }
-        sessions.sort_by(|a, b| b.last_active_at.cmp(&a.last_active_at));
+        sessions.sort_by_key(|s| std::cmp::Reverse(s.last_active_at));
         Ok(sessions)
     }
 
     /// Ends one of the caller's sessions; another user's session is "not found".
-    pub async fn revoke_session(&self, principal: &Principal, session_id: Uuid, reason: RevokeReason) -> Result<(), AuthError> {
+    pub async fn revoke_session(
+        &self,
+        principal: &Principal,
+        session_id: Uuid,
+        reason: RevokeReason,
+    ) -> Result<(), AuthError> {
         if !self.store.revoke_session(principal.user_id, session_id, reason, now_micros()).await? {
             return Err(AuthError::NotFound("session"));
         }
@@ -36,7 +41,11 @@ impl Auth {
     }
 
     /// Ends the caller's sessions, all of them or all but the current one. Returns how many.
-    pub async fn revoke_sessions(&self, principal: &Principal, keep_current: bool) -> Result<usize, AuthError> {
+    pub async fn revoke_sessions(
+        &self,
+        principal: &Principal,
+        keep_current: bool,
+    ) -> Result<usize, AuthError> {
         let keep = keep_current.then_some(principal.session_id);
         let revoked = self
             .store

@@ -34,7 +34,11 @@ pub enum TokenCheck {
 impl Auth {
     /// Checks a token and, optionally, that it carries every role in `required_roles`.
     /// `Err` only when the answer cannot be known (hot state down): fail closed.
-    pub async fn validate_token(&self, token: &str, required_roles: &[String]) -> Result<TokenCheck, AuthError> {
+    pub async fn validate_token(
+        &self,
+        token: &str,
+        required_roles: &[String],
+    ) -> Result<TokenCheck, AuthError> {
         let claims = match self.tokens.verify(token) {
             Ok(claims) => claims,
             Err(rejection) => return Ok(TokenCheck::Invalid(InvalidReason::Token(rejection))),

@@ -101,7 +101,10 @@ impl PasswordHasher {
         STANDARD.encode(hmac::sign(&self.pepper, password.as_bytes()))
     }
 
-    async fn blocking<T: Send + 'static>(&self, job: impl FnOnce() -> T + Send + 'static) -> Result<T, HashError> {
+    async fn blocking<T: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, HashError> {
         let _permit = self.permits.acquire().await.expect("the hashing semaphore is never closed");
         Ok(tokio::task::spawn_blocking(job).await?)
     }
@@ -154,7 +157,8 @@ mod tests {
             assert_eq!(v, Verified { matches: true, needs_rehash: true }, "{legacy}");
             assert!(!hasher.verify("seed-password-2", Some(&legacy)).await.unwrap().matches);
         }
-        let outdated = PasswordHasher::new(&PEPPER, 4, 1).await.unwrap().hash("pw-of-cost-four").await.unwrap();
+        let outdated =
+            PasswordHasher::new(&PEPPER, 4, 1).await.unwrap().hash("pw-of-cost-four").await.unwrap();
         assert!(hasher.verify("pw-of-cost-four", Some(&outdated)).await.unwrap().needs_rehash);
     }
 

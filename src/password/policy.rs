@@ -28,8 +28,12 @@ impl std::fmt::Debug for NewPassword {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PolicyViolation {
-    TooShort { min: usize },
-    TooLong { max: usize },
+    TooShort {
+        min: usize,
+    },
+    TooLong {
+        max: usize,
+    },
     Common,
     /// The password is the account's own username or email.
     SameAsIdentity,

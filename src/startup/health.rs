@@ -30,7 +30,8 @@ pub async fn watch_dependencies(
         if *stopping.borrow() {
             return;
         }
-        let status = if db.is_ok() && redis.is_ok() { ServingStatus::Serving } else { ServingStatus::NotServing };
+        let status =
+            if db.is_ok() && redis.is_ok() { ServingStatus::Serving } else { ServingStatus::NotServing };
         if last != Some(status) {
             if let Err(e) = &db {
                 tracing::warn!(error = %e, "database unreachable: reporting NOT_SERVING");

@@ -51,7 +51,9 @@ pub async fn connect_store(settings: &Settings) -> anyhow::Result<DynStore> {
 async fn connect_hot(settings: &Settings) -> anyhow::Result<DynHotState> {
     Ok(match &settings.redis_url {
         Some(url) => Arc::new(
-            RedisHotState::connect(url, settings.redis.key_prefix.clone()).await.context("cannot connect to Redis")?,
+            RedisHotState::connect(url, settings.redis.key_prefix.clone())
+                .await
+                .context("cannot connect to Redis")?,
         ),
         None => Arc::new(MemoryHotState::new()),
     })
@@ -66,7 +68,8 @@ impl Application {
         let hot = connect_hot(&settings).await?;
 
         let keys_dir = secrets::ensure_signing_key(&settings)?;
-        let keys = KeySet::load_dir(&keys_dir, settings.tokens.signing_kid.as_deref()).context("cannot load signing keys")?;
+        let keys = KeySet::load_dir(&keys_dir, settings.tokens.signing_kid.as_deref())
+            .context("cannot load signing keys")?;
         let tokens = AccessTokens::new(keys, &settings.tokens)?;
         tokens.self_test().context("token self-test failed: check the keys and tokens.* settings")?;
         tracing::info!(kid = %tokens.keys().signer().kid, algorithm = %tokens.keys().signer().algorithm, "signing key loaded");

@@ -21,11 +21,16 @@ pub fn is_embedded(settings: &Settings) -> bool {
 pub fn ensure_signing_key(settings: &Settings) -> anyhow::Result<PathBuf> {
     let dir = settings.keys_dir();
     let has_keys = fs::read_dir(&dir)
-        .map(|entries| entries.filter_map(Result::ok).any(|e| e.path().extension().is_some_and(|x| x == "pem")))
+        .map(|entries| {
+            entries.filter_map(Result::ok).any(|e| e.path().extension().is_some_and(|x| x == "pem"))
+        })
         .unwrap_or(false);
     if !has_keys {
         if !is_embedded(settings) {
-            bail!("no signing keys in {}: run `portcullis keys generate --dir {0}` and share the keys with every replica", dir.display());
+            bail!(
+                "no signing keys in {}: run `portcullis keys generate --dir {0}` and share the keys with every replica",
+                dir.display()
+            );
         }
         let path = generate_key_file(&dir, settings.tokens.generate_algorithm)?;
         tracing::warn!(path = %path.display(), "generated a new signing key (embedded default); provide keys in production");
@@ -55,7 +60,8 @@ pub fn load_pepper(settings: &Settings) -> anyhow::Result<Vec<u8>> {
         if let Some(parent) = path.parent() {
             fs::create_dir_all(parent)?;
         }
-        write_private(&path, STANDARD.encode(pepper).as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
+        write_private(&path, STANDARD.encode(pepper).as_bytes())
+            .with_context(|| format!("cannot write {}", path.display()))?;
         tracing::warn!(path = %path.display(), "generated a new password pepper (embedded default); losing it invalidates every password");
     }
     let text = fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;

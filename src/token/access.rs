@@ -104,7 +104,11 @@ impl AccessTokens {
     }
 
     /// Signs a token for `subject`, valid from `now` for the configured lifetime.
-    pub fn issue(&self, subject: &Subject<'_>, now: time::OffsetDateTime) -> Result<(String, AccessClaims), jsonwebtoken::errors::Error> {
+    pub fn issue(
+        &self,
+        subject: &Subject<'_>,
+        now: time::OffsetDateTime,
+    ) -> Result<(String, AccessClaims), jsonwebtoken::errors::Error> {
         let iat = now.unix_timestamp();
         let claims = AccessClaims {
             iss: self.issuer.clone(),
@@ -154,7 +158,13 @@ impl AccessTokens {
     /// algorithms and claim checks work together (and that an expired token is refused).
     pub fn self_test(&self) -> anyhow::Result<()> {
         let now = time::OffsetDateTime::now_utc();
-        let subject = Subject { user_id: Uuid::nil(), session_id: Uuid::nil(), roles: &[], amr: &["pwd"], email_verified: false };
+        let subject = Subject {
+            user_id: Uuid::nil(),
+            session_id: Uuid::nil(),
+            roles: &[],
+            amr: &["pwd"],
+            email_verified: false,
+        };
         let (token, claims) = self.issue(&subject, now)?;
         let verified = self.verify(&token).map_err(|r| anyhow::anyhow!("fresh token rejected: {r:?}"))?;
         anyhow::ensure!(verified == claims, "verified claims differ from issued ones");
@@ -192,7 +202,13 @@ mod tests {
     }
 
     fn subject() -> Subject<'static> {
-        Subject { user_id: Uuid::new_v4(), session_id: Uuid::new_v4(), roles: &[], amr: &["pwd"], email_verified: true }
+        Subject {
+            user_id: Uuid::new_v4(),
+            session_id: Uuid::new_v4(),
+            roles: &[],
+            amr: &["pwd"],
+            email_verified: true,
+        }
     }
 
     #[test]

@@ -189,7 +189,9 @@ fn generate_pkcs8(algorithm: SigningAlgorithm) -> Result<Vec<u8>, KeyError> {
             .as_ref()
             .to_vec(),
         // PKCS#8 v1: what jsonwebtoken expects of an Ed25519 key.
-        SigningAlgorithm::EdDSA => Ed25519KeyPair::generate_pkcs8v1(&rng).map_err(|_| KeyError::Generate)?.as_ref().to_vec(),
+        SigningAlgorithm::EdDSA => {
+            Ed25519KeyPair::generate_pkcs8v1(&rng).map_err(|_| KeyError::Generate)?.as_ref().to_vec()
+        }
     };
     Ok(der)
 }

@@ -66,12 +66,20 @@ async fn hostile_tokens_get_precise_answers(backend: Backend) {
     let public_pem = {
         let der = pem::parse(std::fs::read(&keys.signer().path).unwrap()).unwrap().into_contents();
         let pair = aws_lc_rs::rsa::KeyPair::from_pkcs8(&der).unwrap();
-        let spki = aws_lc_rs::encoding::AsDer::<aws_lc_rs::encoding::PublicKeyX509Der>::as_der(aws_lc_rs::signature::KeyPair::public_key(&pair)).unwrap();
+        let spki = aws_lc_rs::encoding::AsDer::<aws_lc_rs::encoding::PublicKeyX509Der>::as_der(
+            aws_lc_rs::signature::KeyPair::public_key(&pair),
+        )
+        .unwrap();
         pem::encode(&pem::Pem::new("PUBLIC KEY", spki.as_ref().to_vec()))
     };
     let mut hs_header = Header::new(Algorithm::HS256);
     hs_header.kid = Some(kid.clone());
-    let hs256 = jsonwebtoken::encode(&hs_header, &claims(json!({})), &EncodingKey::from_secret(public_pem.as_bytes())).unwrap();
+    let hs256 = jsonwebtoken::encode(
+        &hs_header,
+        &claims(json!({})),
+        &EncodingKey::from_secret(public_pem.as_bytes()),
+    )
+    .unwrap();
     let unknown_kid = {
         let mut t = sign_with_server_key(&app, &claims(json!({})));
         let header = B64.encode(json!({"alg": "RS256", "kid": "not-a-key"}).to_string());
@@ -88,10 +96,29 @@ async fn hostile_tokens_get_precise_answers(backend: Backend) {
         ("signed by another key", other_signed, R::BadSignature),
         ("HS256 with the public key", hs256, R::BadSignature),
         ("unknown kid", unknown_kid, R::BadSignature),
-        ("expired", sign_with_server_key(&app, &claims(json!({"iat": now - 1000, "nbf": now - 1000, "exp": now - 400}))), R::Expired),
-        ("not yet valid", sign_with_server_key(&app, &claims(json!({"nbf": now + 3600, "exp": now + 7200}))), R::NotYetValid),
-        ("wrong audience", sign_with_server_key(&app, &claims(json!({"aud": "another-service"}))), R::WrongAudience),
-        ("wrong issuer", sign_with_server_key(&app, &claims(json!({"iss": "https://evil.example"}))), R::WrongIssuer),
+        (
+            "expired",
+            sign_with_server_key(
+                &app,
+                &claims(json!({"iat": now - 1000, "nbf": now - 1000, "exp": now - 400})),
+            ),
+            R::Expired,
+        ),
+        (
+            "not yet valid",
+            sign_with_server_key(&app, &claims(json!({"nbf": now + 3600, "exp": now + 7200}))),
+            R::NotYetValid,
+        ),
+        (
+            "wrong audience",
+            sign_with_server_key(&app, &claims(json!({"aud": "another-service"}))),
+            R::WrongAudience,
+        ),
+        (
+            "wrong issuer",
+            sign_with_server_key(&app, &claims(json!({"iss": "https://evil.example"}))),
+            R::WrongIssuer,
+        ),
         ("no exp", sign_with_server_key(&app, &claims(json!({"exp": null}))), R::Malformed),
         // CVE-2026-25537: a mistyped exp must not skip the expiry check.
         ("exp as a string", sign_with_server_key(&app, &claims(json!({"exp": "99999999999"}))), R::Malformed),

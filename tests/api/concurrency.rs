@@ -20,7 +20,8 @@ async fn concurrent_logins_get_distinct_sessions(backend: Backend) {
     app.register("uma").await;
     let logins = join_all((0..20).map(|_| app.login("uma"))).await;
     let sessions: HashSet<String> = logins.iter().map(|l| l.session.as_ref().unwrap().id.clone()).collect();
-    let refresh: HashSet<String> = logins.iter().map(|l| l.tokens.as_ref().unwrap().refresh_token.clone()).collect();
+    let refresh: HashSet<String> =
+        logins.iter().map(|l| l.tokens.as_ref().unwrap().refresh_token.clone()).collect();
     assert_eq!(sessions.len(), 20);
     assert_eq!(refresh.len(), 20);
     let access = &logins[0].tokens.as_ref().unwrap().access_token;

@@ -57,8 +57,7 @@ pub const PASSWORD: &str = "correct horse battery staple";
 /// configured in this environment.
 pub async fn test_settings(backend: Backend) -> Option<(Settings, tempfile::TempDir)> {
     let data = tempfile::tempdir().expect("tempdir");
-    let mut settings = Settings::default();
-    settings.data_dir = data.path().to_path_buf();
+    let mut settings = Settings { data_dir: data.path().to_path_buf(), ..Settings::default() };
     settings.server.listen = "127.0.0.1:0".parse().unwrap();
     settings.server.health_check_interval = Duration::from_millis(200);
     settings.server.shutdown_grace = Duration::from_secs(5);
@@ -159,7 +158,11 @@ impl TestApp {
             .expect("user")
     }
 
-    pub async fn try_login(&self, identifier: &str, password: &str) -> Result<pb::AuthenticatedSession, tonic::Status> {
+    pub async fn try_login(
+        &self,
+        identifier: &str,
+        password: &str,
+    ) -> Result<pb::AuthenticatedSession, tonic::Status> {
         let mut client = self.auth.clone();
         let response = client
             .login(pb::LoginRequest {
@@ -209,7 +212,8 @@ impl TestApp {
 
     pub async fn refresh(&self, refresh_token: &str) -> Result<pb::TokenPair, tonic::Status> {
         let mut client = self.auth.clone();
-        let response = client.refresh(pb::RefreshRequest { refresh_token: refresh_token.into(), client: None }).await?;
+        let response =
+            client.refresh(pb::RefreshRequest { refresh_token: refresh_token.into(), client: None }).await?;
         Ok(response.into_inner().tokens.expect("tokens"))
     }
 

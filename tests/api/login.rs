@@ -123,7 +123,8 @@ async fn legacy_bcrypt_hashes_log_in_and_are_upgraded(backend: Backend) {
 }
 
 async fn client_context_falls_back_to_metadata(backend: Backend) {
-    let Some(app) = spawn_app_with(backend, |s| s.server.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()]).await
+    let Some(app) =
+        spawn_app_with(backend, |s| s.server.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()]).await
     else {
         return;
     };
@@ -159,8 +160,11 @@ async fn untrusted_peers_cannot_spoof_their_address() {
     let Some(app) = spawn_app(Backend::Embedded).await else { return };
     app.register("hank").await;
     let mut client = app.auth.clone();
-    let mut request =
-        tonic::Request::new(pb::LoginRequest { identifier: "hank".into(), password: PASSWORD.into(), client: None });
+    let mut request = tonic::Request::new(pb::LoginRequest {
+        identifier: "hank".into(),
+        password: PASSWORD.into(),
+        client: None,
+    });
     request.metadata_mut().insert("x-forwarded-for", "198.51.100.23".parse().unwrap());
     let response = client.login(request).await.expect("login").into_inner();
     let Some(pb::login_response::Outcome::Authenticated(session)) = response.outcome else { panic!() };

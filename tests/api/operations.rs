@@ -6,20 +6,27 @@ use portcullis::{
     api::pb::TokenInvalidReason,
     token::{SigningAlgorithm, keys::generate_key_file},
 };
-use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 use crate::{
     harness::{Backend, PASSWORD, reason, spawn_app, spawn_app_with, spawn_with_settings},
     on_both_backends,
 };
 
-on_both_backends!(health_reports_every_service, restart_keeps_keys_pepper_and_revocations, rotated_keys_keep_old_tokens_valid);
+on_both_backends!(
+    health_reports_every_service,
+    restart_keeps_keys_pepper_and_revocations,
+    rotated_keys_keep_old_tokens_valid
+);
 
 async fn health_reports_every_service(backend: Backend) {
     let Some(app) = spawn_app(backend).await else { return };
     let mut health = HealthClient::new(app.channel());
     for service in ["", "portcullis.v1.AuthService", "portcullis.v1.SessionService"] {
-        let status = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner().status;
+        let status =
+            health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner().status;
         assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
     }
     let unknown = health.check(HealthCheckRequest { service: "nope.Service".into() }).await.unwrap_err();
@@ -57,11 +64,20 @@ async fn shutdown_reports_not_serving_and_drains_in_flight_calls() {
     let server = app.take_server();
     app.trigger_shutdown();
 
-    let status = tokio::time::timeout(Duration::from_secs(5), watch.message()).await.unwrap().unwrap().unwrap();
+    let status =
+        tokio::time::timeout(Duration::from_secs(5), watch.message()).await.unwrap().unwrap().unwrap();
     assert_eq!(status.status, ServingStatus::NotServing as i32, "NOT_SERVING as soon as shutdown starts");
     let answer = in_flight.await.unwrap();
-    assert_eq!(answer.unwrap_err().code(), tonic::Code::Unauthenticated, "the in-flight call got its real answer");
-    tokio::time::timeout(Duration::from_secs(5), server).await.expect("stops within the grace").unwrap().unwrap();
+    assert_eq!(
+        answer.unwrap_err().code(),
+        tonic::Code::Unauthenticated,
+        "the in-flight call got its real answer"
+    );
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("stops within the grace")
+        .unwrap()
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,14 +94,22 @@ async fn shutdown_stops_waiting_after_the_grace_period() {
     let mut client = app.auth.clone();
     let _in_flight = tokio::spawn(async move {
         client
-            .login(portcullis::api::pb::LoginRequest { identifier: "x".into(), password: "y".into(), client: None })
+            .login(portcullis::api::pb::LoginRequest {
+                identifier: "x".into(),
+                password: "y".into(),
+                client: None,
+            })
             .await
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
     let server = app.take_server();
     let started = std::time::Instant::now();
     app.trigger_shutdown();
-    tokio::time::timeout(Duration::from_secs(3), server).await.expect("bounded by the grace").unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(3), server)
+        .await
+        .expect("bounded by the grace")
+        .unwrap()
+        .unwrap();
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
@@ -105,7 +129,11 @@ async fn restart_keeps_keys_pepper_and_revocations(backend: Backend) {
     let app = spawn_with_settings(settings, data).await;
     app.try_login("xena", PASSWORD).await.expect("same pepper: passwords still verify");
     assert!(app.validate(&kept).await.valid, "same key: tokens still verify");
-    assert_eq!(reason(&app.validate(&revoked).await), TokenInvalidReason::SessionRevoked, "revocations republished");
+    assert_eq!(
+        reason(&app.validate(&revoked).await),
+        TokenInvalidReason::SessionRevoked,
+        "revocations republished"
+    );
 }
 
 async fn rotated_keys_keep_old_tokens_valid(backend: Backend) {
@@ -121,8 +149,11 @@ async fn rotated_keys_keep_old_tokens_valid(backend: Backend) {
     assert!(app.validate(&old).await.valid, "signed by the previous key, still verifies");
     let new = app.login("zoe").await.tokens.unwrap().access_token;
     let header: serde_json::Value = serde_json::from_slice(
-        &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, new.split('.').next().unwrap())
-            .unwrap(),
+        &base64::Engine::decode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            new.split('.').next().unwrap(),
+        )
+        .unwrap(),
     )
     .unwrap();
     assert_eq!(header["alg"], "ES256", "the new key signs");

@@ -31,7 +31,9 @@ async fn refresh_rotates_the_refresh_token(backend: Backend) {
 }
 
 async fn a_replayed_refresh_token_revokes_the_session(backend: Backend) {
-    let Some(app) = spawn_app_with(backend, |s| s.sessions.refresh_reuse_grace = Duration::ZERO).await else { return };
+    let Some(app) = spawn_app_with(backend, |s| s.sessions.refresh_reuse_grace = Duration::ZERO).await else {
+        return;
+    };
     let (_, stolen, _) = app.user_session("judy").await;
     let legit = app.refresh(&stolen).await.expect("first use");
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -47,7 +49,9 @@ async fn a_replayed_refresh_token_revokes_the_session(backend: Backend) {
 }
 
 async fn a_concurrent_duplicate_within_grace_keeps_the_session(backend: Backend) {
-    let Some(app) = spawn_app_with(backend, |s| s.sessions.refresh_reuse_grace = Duration::from_secs(30)).await else {
+    let Some(app) =
+        spawn_app_with(backend, |s| s.sessions.refresh_reuse_grace = Duration::from_secs(30)).await
+    else {
         return;
     };
     let (_, refresh, _) = app.user_session("kate").await;
@@ -59,7 +63,8 @@ async fn a_concurrent_duplicate_within_grace_keeps_the_session(backend: Backend)
 }
 
 async fn idle_sessions_expire(backend: Backend) {
-    let Some(app) = spawn_app_with(backend, |s| s.sessions.idle_timeout = Duration::from_millis(1500)).await else {
+    let Some(app) = spawn_app_with(backend, |s| s.sessions.idle_timeout = Duration::from_millis(1500)).await
+    else {
         return;
     };
     let (access, refresh, _) = app.user_session("leo").await;
@@ -68,7 +73,10 @@ async fn idle_sessions_expire(backend: Backend) {
     tokio::time::sleep(Duration::from_millis(1700)).await;
     assert_eq!(app.refresh(&next.refresh_token).await.unwrap_err().code(), Code::Unauthenticated);
     let sessions_seen_by = access; // still a valid JWT until it expires: the session list is empty
-    assert!(app.list_sessions(&sessions_seen_by).await.expect("list").is_empty(), "idle sessions are not listed");
+    assert!(
+        app.list_sessions(&sessions_seen_by).await.expect("list").is_empty(),
+        "idle sessions are not listed"
+    );
 }
 
 async fn sessions_end_at_their_absolute_lifetime(backend: Backend) {
@@ -90,14 +98,20 @@ async fn sessions_end_at_their_absolute_lifetime(backend: Backend) {
         token = app.refresh(&token).await.expect("refresh while the session lives").refresh_token;
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(app.refresh(&token).await.unwrap_err().code(), Code::Unauthenticated, "past the absolute lifetime");
+    assert_eq!(
+        app.refresh(&token).await.unwrap_err().code(),
+        Code::Unauthenticated,
+        "past the absolute lifetime"
+    );
 }
 
 async fn garbage_refresh_tokens_are_refused(backend: Backend) {
     let Some(app) = spawn_app(backend).await else { return };
     let empty = app.refresh("").await.unwrap_err();
     assert_eq!(empty.code(), Code::InvalidArgument);
-    for garbage in ["nope", "pcrt_", &"pcrt_".repeat(1000), "pcrt_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"] {
+    for garbage in
+        ["nope", "pcrt_", &"pcrt_".repeat(1000), "pcrt_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"]
+    {
         let status = app.refresh(garbage).await.unwrap_err();
         assert_eq!(status.code(), Code::Unauthenticated, "{garbage}");
     }

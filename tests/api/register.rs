@@ -6,7 +6,11 @@ use crate::{
     on_both_backends,
 };
 
-on_both_backends!(register_returns_the_account_without_secrets, duplicates_are_already_exists, bad_input_names_every_field);
+on_both_backends!(
+    register_returns_the_account_without_secrets,
+    duplicates_are_already_exists,
+    bad_input_names_every_field
+);
 
 fn request(username: &str, email: &str, password: &str) -> pb::RegisterRequest {
     pb::RegisterRequest {
@@ -75,7 +79,13 @@ async fn bad_input_names_every_field(backend: Backend) {
         (request("bob", "bob@example.com", "password1234"), "password"),
         (request("bob", "bob@example.com", &"x".repeat(10_000)), "password"),
         (request("bob", &format!("{}@example.com", "b".repeat(300)), PASSWORD), "email"),
-        (pb::RegisterRequest { first_name: "n".repeat(101), ..request("bob", "bob@example.com", PASSWORD) }, "first_name"),
+        (
+            pb::RegisterRequest {
+                first_name: "n".repeat(101),
+                ..request("bob", "bob@example.com", PASSWORD)
+            },
+            "first_name",
+        ),
     ];
     for (req, field) in cases {
         let status = client.register(req.clone()).await.unwrap_err();
@@ -85,5 +95,8 @@ async fn bad_input_names_every_field(backend: Backend) {
     }
 
     // 128 characters are accepted (ASVS 2.1.2).
-    client.register(request("longpw", "longpw@example.com", &"Lp9-".repeat(32))).await.expect("128-character password");
+    client
+        .register(request("longpw", "longpw@example.com", &"Lp9-".repeat(32)))
+        .await
+        .expect("128-character password");
 }

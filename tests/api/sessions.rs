@@ -43,7 +43,7 @@ async fn list_sessions_marks_current_and_tracks_activity(backend: Backend) {
     assert_eq!(listed.len(), 2);
     assert_eq!(listed[0].id, s2.id, "most recently active first");
     let current: Vec<_> = listed.iter().filter(|s| s.current).map(|s| s.id.clone()).collect();
-    assert_eq!(current, [s2.id.clone()]);
+    assert_eq!(current, std::slice::from_ref(&s2.id));
     assert!(listed.iter().all(|s| s.device_type == "desktop" && s.ip_address == "203.0.113.7"));
     let before = listed[1].last_active_at.unwrap();
     let before = time::OffsetDateTime::from_unix_timestamp_nanos(
@@ -85,18 +85,26 @@ async fn revoke_session_is_scoped_to_its_owner(backend: Backend) {
     assert!(app.validate(&mallory).await.valid, "and stays alive");
 
     let unknown = client
-        .revoke_session(bearer(pb::RevokeSessionRequest { session_id: uuid::Uuid::new_v4().to_string() }, &alice))
+        .revoke_session(bearer(
+            pb::RevokeSessionRequest { session_id: uuid::Uuid::new_v4().to_string() },
+            &alice,
+        ))
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
-    let malformed =
-        client.revoke_session(bearer(pb::RevokeSessionRequest { session_id: "x".into() }, &alice)).await.unwrap_err();
+    let malformed = client
+        .revoke_session(bearer(pb::RevokeSessionRequest { session_id: "x".into() }, &alice))
+        .await
+        .unwrap_err();
     assert_eq!(malformed.code(), Code::InvalidArgument);
     assert_eq!(violated_fields(&malformed), ["session_id"]);
 
     let other = app.login("paula").await;
     let other_id = other.session.unwrap().id;
-    client.revoke_session(bearer(pb::RevokeSessionRequest { session_id: other_id }, &alice)).await.expect("own");
+    client
+        .revoke_session(bearer(pb::RevokeSessionRequest { session_id: other_id }, &alice))
+        .await
+        .expect("own");
     let v = app.validate(&other.tokens.unwrap().access_token).await;
     assert_eq!(reason(&v), TokenInvalidReason::SessionRevoked);
     assert!(app.validate(&alice).await.valid);
@@ -112,7 +120,11 @@ async fn revoke_other_and_all_sessions(backend: Backend) {
     let (bystander, _, _) = app.user_session("sam").await;
     let mut client = app.sessions.clone();
 
-    let n = client.revoke_other_sessions(bearer(pb::RevokeOtherSessionsRequest {}, &main)).await.unwrap().into_inner();
+    let n = client
+        .revoke_other_sessions(bearer(pb::RevokeOtherSessionsRequest {}, &main))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(n.revoked_count, 3);
     for token in &others {
         assert_eq!(reason(&app.validate(token).await), TokenInvalidReason::SessionRevoked);
@@ -121,7 +133,11 @@ async fn revoke_other_and_all_sessions(backend: Backend) {
     assert_eq!(app.list_sessions(&main).await.unwrap().len(), 1);
 
     let fresh = app.login("rita").await.tokens.unwrap().access_token;
-    let n = client.revoke_all_sessions(bearer(pb::RevokeAllSessionsRequest {}, &main)).await.unwrap().into_inner();
+    let n = client
+        .revoke_all_sessions(bearer(pb::RevokeAllSessionsRequest {}, &main))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(n.revoked_count, 2);
     assert_eq!(reason(&app.validate(&main).await), TokenInvalidReason::SessionRevoked);
     assert_eq!(reason(&app.validate(&fresh).await), TokenInvalidReason::SessionRevoked);

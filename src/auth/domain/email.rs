@@ -62,7 +62,10 @@ mod tests {
 
     #[test]
     fn accepts_ordinary_addresses_and_lowercases_the_domain() {
-        assert_eq!(Email::parse(" Alice.Smith+tag@Example.COM ").unwrap().as_str(), "Alice.Smith+tag@example.com");
+        assert_eq!(
+            Email::parse(" Alice.Smith+tag@Example.COM ").unwrap().as_str(),
+            "Alice.Smith+tag@example.com"
+        );
         assert_eq!(Email::parse("Alice@Example.com").unwrap().key(), "alice@example.com");
         assert!(Email::parse("x@mail.co.uk").is_ok());
     }
@@ -70,8 +73,20 @@ mod tests {
     #[test]
     fn rejects_malformed_addresses() {
         for bad in [
-            "", "plain", "@example.com", "a@", "a@b", "a@b.c", "a..b@example.com", ".a@example.com",
-            "a b@example.com", "a@-x.com", "a@x-.com", "a@1.123", "a@exa mple.com", "\"q\"@example.com",
+            "",
+            "plain",
+            "@example.com",
+            "a@",
+            "a@b",
+            "a@b.c",
+            "a..b@example.com",
+            ".a@example.com",
+            "a b@example.com",
+            "a@-x.com",
+            "a@x-.com",
+            "a@1.123",
+            "a@exa mple.com",
+            "\"q\"@example.com",
         ] {
             assert!(Email::parse(bad).is_err(), "{bad:?} was accepted");
         }

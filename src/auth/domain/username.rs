@@ -6,8 +6,21 @@ pub struct Username(String);
 
 /// Names that would let a user pass for the service or its operators.
 const RESERVED: &[&str] = &[
-    "admin", "administrator", "root", "system", "support", "security", "portcullis", "postmaster",
-    "abuse", "noreply", "no-reply", "help", "moderator", "staff", "official",
+    "admin",
+    "administrator",
+    "root",
+    "system",
+    "support",
+    "security",
+    "portcullis",
+    "postmaster",
+    "abuse",
+    "noreply",
+    "no-reply",
+    "help",
+    "moderator",
+    "staff",
+    "official",
 ];
 
 impl Username {
