@@ -51,6 +51,12 @@ impl Grpcurl {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    fn describe(&self, symbol: &str) -> String {
+        let out = self.run(&[&self.addr, "describe", symbol]);
+        assert!(out.status.success(), "describe {symbol} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
     fn call(&self, method: &str, data: &str, headers: &[&str]) -> Value {
         let mut args = vec!["-d", data];
         for h in headers {
@@ -103,9 +109,9 @@ fn a_fresh_directory_serves_register_login_validate_through_grpcurl() {
     ] {
         assert!(services.lines().any(|l| l == service), "{service} not listed:\n{services}");
     }
-    let described = grpcurl.ok(&["describe", "portcullis.v1.AuthService"]);
+    let described = grpcurl.describe("portcullis.v1.AuthService");
     assert!(described.contains("rpc Login ( .portcullis.v1.LoginRequest )"), "{described}");
-    let message = grpcurl.ok(&["describe", "portcullis.v1.ValidateTokenResponse"]);
+    let message = grpcurl.describe("portcullis.v1.ValidateTokenResponse");
     assert!(message.contains("session_id"), "{message}");
 
     let health = grpcurl.call("grpc.health.v1.Health/Check", "{}", &[]);

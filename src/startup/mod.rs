@@ -134,10 +134,14 @@ impl Application {
         let mut reflection = None;
         let mut reflection_alpha = None;
         if settings.server.reflection {
+            // Both reflection versions list both, so any client finds either.
             let builder = || {
                 tonic_reflection::server::Builder::configure()
+                    .include_reflection_service(false)
                     .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
                     .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
             };
             reflection = Some(builder().build_v1()?);
             reflection_alpha = Some(builder().build_v1alpha()?);
