@@ -49,6 +49,9 @@ pub struct ServerSettings {
     /// How often health reflects database and Redis reachability.
     #[serde(with = "humantime_serde")]
     pub health_check_interval: Duration,
+    /// A call still running after this is cancelled: nothing waits forever on a dependency.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -59,6 +62,9 @@ pub struct DatabaseSettings {
     pub acquire_timeout: Duration,
     /// Run migrations when the server starts (otherwise: `portcullis migrate`).
     pub migrate_on_start: bool,
+    /// A statement running longer is cancelled by the database (PostgreSQL).
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -105,6 +111,11 @@ pub struct SessionSettings {
     /// How often "last active" seen by ValidateToken is written to the database.
     #[serde(with = "humantime_serde")]
     pub activity_flush_interval: Duration,
+    /// How often recent revocations are re-published from the database to the hot state,
+    /// so a Redis that lost data (restart, failover, eviction) cannot revive a session for
+    /// longer than this. After a hot-state error it happens at once.
+    #[serde(with = "humantime_serde")]
+    pub revocation_resync_interval: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -119,6 +130,10 @@ pub struct PasswordSettings {
     pub pepper_file: Option<PathBuf>,
     /// bcrypt jobs running at once; unset: the number of CPUs.
     pub hashing_concurrency: Option<usize>,
+    /// A call waiting longer than this for a bcrypt slot is answered UNAVAILABLE (retry
+    /// later) instead of queueing without bound under a login storm.
+    #[serde(with = "humantime_serde")]
+    pub hashing_queue_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -163,6 +178,7 @@ impl Default for ServerSettings {
             reflection: true,
             trusted_proxies: Vec::new(),
             health_check_interval: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -173,6 +189,7 @@ impl Default for DatabaseSettings {
             max_connections: 10,
             acquire_timeout: Duration::from_secs(5),
             migrate_on_start: true,
+            statement_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -209,6 +226,7 @@ impl Default for SessionSettings {
             absolute_lifetime: Duration::from_secs(30 * 24 * 3600),
             refresh_reuse_grace: Duration::from_secs(5),
             activity_flush_interval: Duration::from_secs(5),
+            revocation_resync_interval: Duration::from_secs(30),
         }
     }
 }
@@ -222,6 +240,7 @@ impl Default for PasswordSettings {
             pepper: None,
             pepper_file: None,
             hashing_concurrency: None,
+            hashing_queue_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -273,6 +292,31 @@ impl Settings {
         }
         if self.sessions.absolute_lifetime < self.tokens.access_ttl {
             return invalid("sessions.absolute_lifetime must be at least tokens.access_ttl");
+        }
+        let ten_years = Duration::from_secs(10 * 365 * 24 * 3600);
+        for (name, value) in [
+            ("tokens.access_ttl", self.tokens.access_ttl),
+            ("sessions.idle_timeout", self.sessions.idle_timeout),
+            ("sessions.absolute_lifetime", self.sessions.absolute_lifetime),
+        ] {
+            if value > ten_years {
+                return Err(ConfigError::Invalid(format!("{name} must be at most 10 years")));
+            }
+        }
+        for (name, value) in [
+            ("server.health_check_interval", self.server.health_check_interval),
+            ("server.request_timeout", self.server.request_timeout),
+            ("server.shutdown_grace", self.server.shutdown_grace),
+            ("database.acquire_timeout", self.database.acquire_timeout),
+            ("database.statement_timeout", self.database.statement_timeout),
+            ("sessions.idle_timeout", self.sessions.idle_timeout),
+            ("sessions.activity_flush_interval", self.sessions.activity_flush_interval),
+            ("sessions.revocation_resync_interval", self.sessions.revocation_resync_interval),
+            ("password.hashing_queue_timeout", self.password.hashing_queue_timeout),
+        ] {
+            if value < Duration::from_millis(10) {
+                return Err(ConfigError::Invalid(format!("{name} must be at least 10ms")));
+            }
         }
         if self.database_url().starts_with("postgres")
             && self.redis_url.is_none()
@@ -355,6 +399,26 @@ mod tests {
         settings.validate().unwrap();
         assert!(settings.database_url().starts_with("sqlite://"));
         assert!(settings.redis_url.is_none());
+    }
+
+    #[test]
+    fn zero_intervals_and_absurd_lifetimes_are_refused() {
+        let zero = Settings {
+            sessions: SessionSettings {
+                activity_flush_interval: Duration::ZERO,
+                ..SessionSettings::default()
+            },
+            ..Settings::default()
+        };
+        assert!(zero.validate().unwrap_err().to_string().contains("activity_flush_interval"));
+        let huge = Settings {
+            sessions: SessionSettings {
+                absolute_lifetime: Duration::from_secs(u64::MAX / 2),
+                ..SessionSettings::default()
+            },
+            ..Settings::default()
+        };
+        assert!(huge.validate().unwrap_err().to_string().contains("absolute_lifetime"));
     }
 
     #[test]

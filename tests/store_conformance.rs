@@ -10,20 +10,27 @@ use std::time::Duration;
 use portcullis::store::{DynStore, PostgresStore, SqliteStore, Store};
 
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn sqlite_store() -> (DynStore, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");
     let url = format!("sqlite://{}", dir.path().join("portcullis.db").display());
-    let store = SqliteStore::connect(&url, 8, ACQUIRE_TIMEOUT).await.expect("open SQLite");
+    let store = SqliteStore::connect(&url, 8, ACQUIRE_TIMEOUT, STATEMENT_TIMEOUT).await.expect("open SQLite");
     store.migrate().await.expect("migrate SQLite");
     (Arc::new(store), dir)
 }
 
 async fn postgres_store() -> Option<DynStore> {
     let url = support::fresh_postgres_url().await?;
-    let store = PostgresStore::connect(&url, 8, ACQUIRE_TIMEOUT).await.expect("open PostgreSQL");
+    Some(postgres_store_at(&url, STATEMENT_TIMEOUT).await)
+}
+
+/// A migrated store on the database at `url`.
+async fn postgres_store_at(url: &str, statement_timeout: Duration) -> DynStore {
+    let store =
+        PostgresStore::connect(url, 8, ACQUIRE_TIMEOUT, statement_timeout).await.expect("open PostgreSQL");
     store.migrate().await.expect("migrate PostgreSQL");
-    Some(Arc::new(store))
+    Arc::new(store)
 }
 
 /// Declares, for each case, `sqlite::<case>` and `postgres::<case>`. Multi-threaded
@@ -62,7 +69,7 @@ conformance!(
     email_conflict,
     roles_round_trip,
     timestamps_keep_microseconds,
-    set_password_hash,
+    replace_password_hash_is_compare_and_swap,
     create_and_find_session,
     rotate_then_replay,
     rotate_revoked_is_dead,
@@ -73,6 +80,8 @@ conformance!(
     revoke_user_sessions_with_and_without_keep,
     list_active_sessions_filters_and_orders,
     record_activity_only_raises,
+    concurrent_overlapping_activity_batches,
+    revoked_sessions_of,
     revoked_since,
 );
 
@@ -85,14 +94,17 @@ mod sqlite_specific {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("nested/deeper/portcullis.db");
         let url = format!("sqlite://{}", path.display());
-        let store = SqliteStore::connect(&url, 2, ACQUIRE_TIMEOUT).await.expect("open SQLite");
+        let store =
+            SqliteStore::connect(&url, 2, ACQUIRE_TIMEOUT, STATEMENT_TIMEOUT).await.expect("open SQLite");
         store.migrate().await.expect("migrate");
         assert!(path.exists());
     }
 
     #[tokio::test]
     async fn in_memory_database_is_one_database() {
-        let store = SqliteStore::connect("sqlite::memory:", 8, ACQUIRE_TIMEOUT).await.expect("open");
+        let store = SqliteStore::connect("sqlite::memory:", 8, ACQUIRE_TIMEOUT, STATEMENT_TIMEOUT)
+            .await
+            .expect("open");
         store.migrate().await.expect("migrate");
         // Every call must see the same database, whichever pooled connection it gets.
         let store: DynStore = Arc::new(store);
@@ -276,12 +288,30 @@ mod cases {
         assert_eq!(store.find_session(new_session.id).await.unwrap().unwrap().last_active_at, later);
     }
 
-    pub async fn set_password_hash(store: DynStore) {
+    pub async fn replace_password_hash_is_compare_and_swap(store: DynStore) {
         let created = user(&store, "linus").await;
-        store.set_password_hash(created.id, "$argon2id$new").await.unwrap();
+        // Same stored hash as `created`: the swap must be scoped to the user, not the value.
+        let bystander = user(&store, "richard").await;
+        assert_eq!(bystander.password_hash, created.password_hash);
+        let original = created.password_hash.clone();
+
+        // The right expected hash: replaced, and nothing else changes.
+        assert!(store.replace_password_hash(created.id, &original, "$argon2id$new").await.unwrap());
         let found = store.find_user(created.id).await.unwrap().unwrap();
-        assert_eq!(found.password_hash, "$argon2id$new");
-        assert_eq!(found, UserRecord { password_hash: "$argon2id$new".to_owned(), ..created });
+        assert_eq!(found, UserRecord { password_hash: "$argon2id$new".to_owned(), ..created.clone() });
+        assert_eq!(store.find_user(bystander.id).await.unwrap(), Some(bystander.clone()));
+
+        // A stale expected hash (a change committed in between): false, and nothing changes.
+        assert!(!store.replace_password_hash(created.id, &original, "$argon2id$upgraded").await.unwrap());
+        assert_eq!(store.find_user(created.id).await.unwrap(), Some(found.clone()));
+
+        // An unknown user: false.
+        assert!(!store.replace_password_hash(Uuid::new_v4(), &original, "$argon2id$x").await.unwrap());
+        assert_eq!(store.find_user(bystander.id).await.unwrap(), Some(bystander));
+
+        // The current hash swaps again.
+        assert!(store.replace_password_hash(created.id, "$argon2id$new", "$argon2id$newer").await.unwrap());
+        assert_eq!(store.find_user(created.id).await.unwrap().unwrap().password_hash, "$argon2id$newer");
     }
 
     pub async fn create_and_find_session(store: DynStore) {
@@ -440,7 +470,10 @@ mod cases {
         assert_eq!((rotated, superseded), (1, 49));
         let found = store.find_session(new.id).await.unwrap().unwrap();
         assert_eq!((found.refreshed_at, found.last_active_at), (t, t));
-        assert_eq!(store.find_session(bystander.id).await.unwrap().unwrap().last_active_at, t);
+        // Activity touches are best effort under contention: PostgreSQL skips a row another
+        // batch holds at that moment, so an older batch may have the last word.
+        let touched = store.find_session(bystander.id).await.unwrap().unwrap().last_active_at;
+        assert!(touched >= t - Duration::seconds(9) && touched <= t, "{touched} vs {t}");
     }
 
     pub async fn revoke_session_is_scoped_and_idempotent(store: DynStore) {
@@ -568,6 +601,79 @@ mod cases {
         assert_eq!(found.refreshed_at, t0);
     }
 
+    /// Activity batches from several replicas overlap and arrive in any order, while "revoke
+    /// all" runs on some of the same rows: none of it may fail (e.g. on a deadlock), and a
+    /// row skipped by one batch because another holds it is still written by that other.
+    pub async fn concurrent_overlapping_activity_batches(store: DynStore) {
+        let owner = user(&store, "leslie").await;
+        let revoked_owner = user(&store, "butler").await;
+        let t0 = now() - Duration::hours(1);
+        let mut ids = Vec::new();
+        for _ in 0..20 {
+            ids.push(session(&store, owner.id, t0).await.0.id);
+        }
+
+        for round in 0..20 {
+            // Fresh sessions of the other user, in both batches and revoked meanwhile.
+            let mut doomed = Vec::new();
+            for _ in 0..3 {
+                doomed.push(session(&store, revoked_owner.id, t0).await.0.id);
+            }
+            let at = t0 + Duration::seconds(round + 1);
+            let forward: Vec<_> = ids.iter().chain(&doomed).map(|id| (*id, at)).collect();
+            let backward: Vec<_> = forward.iter().rev().copied().collect();
+            let tasks = [forward, backward].map(|batch| {
+                let store = store.clone();
+                tokio::spawn(async move { store.record_activity(&batch).await })
+            });
+            let revoke = {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store.revoke_user_sessions(revoked_owner.id, None, RevokeReason::Logout, at).await
+                })
+            };
+            for task in tasks {
+                task.await.expect("task").expect("no activity batch may fail");
+            }
+            let revoked = revoke.await.expect("task").expect("revoking may not fail");
+            assert_eq!(revoked.len(), 3, "round {round}");
+            for id in &ids {
+                let found = store.find_session(*id).await.unwrap().unwrap();
+                assert_eq!(found.last_active_at, at, "round {round}");
+            }
+        }
+    }
+
+    pub async fn revoked_sessions_of(store: DynStore) {
+        let owner = user(&store, "haskell").await;
+        let other = user(&store, "curry").await;
+        let t0 = now() - Duration::hours(1);
+        let (before, _) = session(&store, owner.id, t0).await;
+        let (at, _) = session(&store, owner.id, t0).await;
+        let (after, _) = session(&store, owner.id, t0).await;
+        session(&store, owner.id, t0).await; // never revoked
+        let (elsewhere, _) = session(&store, other.id, t0).await;
+
+        let since = t0 + Duration::minutes(10);
+        for (user_id, s, t) in [
+            (owner.id, &before, since - Duration::microseconds(1)),
+            (owner.id, &at, since),
+            (owner.id, &after, since + Duration::minutes(5)),
+            (other.id, &elsewhere, since + Duration::minutes(1)),
+        ] {
+            assert!(store.revoke_session(user_id, s.id, RevokeReason::Logout, t).await.unwrap());
+        }
+
+        let mut found = store.revoked_sessions_of(owner.id, since).await.unwrap();
+        found.sort();
+        let mut expected = vec![at.id, after.id];
+        expected.sort();
+        assert_eq!(found, expected);
+        assert_eq!(store.revoked_sessions_of(other.id, since).await.unwrap(), vec![elsewhere.id]);
+        assert!(store.revoked_sessions_of(owner.id, now() + Duration::hours(1)).await.unwrap().is_empty());
+        assert!(store.revoked_sessions_of(Uuid::new_v4(), t0).await.unwrap().is_empty());
+    }
+
     pub async fn revoked_since(store: DynStore) {
         let owner = user(&store, "alonzo").await;
         let t0 = now() - Duration::hours(1);
@@ -601,9 +707,204 @@ mod postgres_connect {
     async fn unreachable_server_is_unavailable() {
         // Nothing listens on port 1.
         let started = std::time::Instant::now();
-        let result =
-            PostgresStore::connect("postgres://postgres@127.0.0.1:1/none", 2, Duration::from_secs(2)).await;
+        let result = PostgresStore::connect(
+            "postgres://postgres@127.0.0.1:1/none",
+            2,
+            Duration::from_secs(2),
+            STATEMENT_TIMEOUT,
+        )
+        .await;
         assert!(matches!(result, Err(StoreError::Unavailable(_))), "{:?}", result.err());
         assert!(started.elapsed() < Duration::from_secs(10));
+    }
+}
+
+/// Behaviour of PostgreSQL alone: row locks held by other transactions, the statement
+/// timeout, and losing the connection (through a [`support::TcpProxy`]).
+mod postgres_specific {
+    use super::*;
+    use portcullis::store::{DeviceInfo, NewSession, RevokeReason, StoreError};
+    use sqlx::Connection;
+    use sqlx::postgres::PgConnection;
+    use time::OffsetDateTime;
+    use uuid::Uuid;
+
+    /// A fresh database's URL, or `None` (and a skip notice) when none is configured.
+    async fn database(test: &str) -> Option<String> {
+        let url = support::fresh_postgres_url().await;
+        if url.is_none() {
+            support::skip(&format!("postgres_specific::{test}"));
+        }
+        url
+    }
+
+    async fn owner_and_sessions(store: &DynStore, count: usize) -> (Uuid, Vec<Uuid>) {
+        let user = cases::new_user(&format!("u{}", Uuid::new_v4().simple()));
+        store.create_user(&user).await.expect("create user");
+        let created_at = OffsetDateTime::now_utc() - time::Duration::hours(1);
+        let mut ids = Vec::new();
+        for _ in 0..count {
+            let session = NewSession {
+                id: Uuid::new_v4(),
+                user_id: user.id,
+                refresh_hash: Uuid::new_v4().as_bytes().repeat(2),
+                device: DeviceInfo::default(),
+                created_at,
+                expires_at: created_at + time::Duration::days(1),
+            };
+            ids.push(store.create_session(&session).await.expect("create session").id);
+        }
+        (user.id, ids)
+    }
+
+    /// Opens a transaction on a separate connection that holds `session_id`'s row lock.
+    async fn lock_session_row(url: &str, session_id: Uuid) -> PgConnection {
+        let mut conn = PgConnection::connect(url).await.expect("raw connection");
+        sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+        sqlx::query("SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE")
+            .bind(session_id)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        conn
+    }
+
+    #[tokio::test]
+    async fn record_activity_skips_rows_locked_by_others() {
+        let Some(url) = database("record_activity_skips_rows_locked_by_others").await else { return };
+        let store = postgres_store_at(&url, STATEMENT_TIMEOUT).await;
+        let (_, ids) = owner_and_sessions(&store, 2).await;
+        let (locked, free) = (ids[0], ids[1]);
+        let before = store.find_session(locked).await.unwrap().unwrap().last_active_at;
+
+        let mut holder = lock_session_row(&url, locked).await;
+        let at = OffsetDateTime::now_utc();
+        // Does not wait for the lock (the statement timeout is 10 s): the locked row is
+        // skipped, the other one written.
+        tokio::time::timeout(Duration::from_secs(3), store.record_activity(&[(locked, at), (free, at)]))
+            .await
+            .expect("record_activity must not wait on a locked row")
+            .expect("record_activity");
+        sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+
+        assert_eq!(store.find_session(locked).await.unwrap().unwrap().last_active_at, before);
+        let written = store.find_session(free).await.unwrap().unwrap().last_active_at;
+        assert!(written > before, "{written} > {before}");
+    }
+
+    #[tokio::test]
+    async fn statement_timeout_cancels_a_lock_wait() {
+        let Some(url) = database("statement_timeout_cancels_a_lock_wait").await else { return };
+        // `migrate` runs without the timeout, on a connection of its own: the store's own
+        // connection must still have it afterwards.
+        let store = PostgresStore::connect(&url, 1, ACQUIRE_TIMEOUT, Duration::from_millis(300))
+            .await
+            .expect("open PostgreSQL");
+        store.migrate().await.expect("migrate");
+        let store: DynStore = Arc::new(store);
+        let (owner, ids) = owner_and_sessions(&store, 1).await;
+
+        let mut holder = lock_session_row(&url, ids[0]).await;
+        let started = std::time::Instant::now();
+        let now = OffsetDateTime::now_utc();
+        let result = store.revoke_session(owner, ids[0], RevokeReason::Logout, now).await;
+        // SQLSTATE 57014 (query_canceled) is transient: see `is_transient_code`.
+        assert!(matches!(result, Err(StoreError::Unavailable(_))), "{result:?}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+
+        // Once the lock is gone the same call goes through.
+        assert!(store.revoke_session(owner, ids[0], RevokeReason::Logout, now).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn lost_connections_fail_fast_and_recover() {
+        let Some(url) = database("lost_connections_fail_fast_and_recover").await else { return };
+        postgres_store_at(&url, STATEMENT_TIMEOUT).await; // migrated directly
+        let proxy = support::TcpProxy::start(&support::postgres_host_port(&url)).await;
+        let proxied = support::with_host_port(&url, &proxy.addr().to_string());
+        let store: DynStore = Arc::new(
+            PostgresStore::connect(&proxied, 2, Duration::from_secs(2), STATEMENT_TIMEOUT)
+                .await
+                .expect("connect through the proxy"),
+        );
+        store.ping().await.expect("ping through the proxy");
+        let (owner, ids) = owner_and_sessions(&store, 1).await;
+        store.find_session(ids[0]).await.expect("query through the proxy");
+
+        proxy.cut();
+        let started = std::time::Instant::now();
+        let result = store.find_session(ids[0]).await;
+        assert!(matches!(result, Err(StoreError::Unavailable(_))), "{result:?}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+
+        proxy.restore();
+        let found = store.find_session(ids[0]).await.expect("a new connection after restore");
+        assert_eq!(found.map(|s| s.user_id), Some(owner));
+    }
+}
+
+/// The chaos-test helpers themselves, without external services.
+mod support_helpers {
+    use super::support;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn host_ports() {
+        assert_eq!(support::redis_host_port("redis://127.0.0.1:6379"), "127.0.0.1:6379");
+        assert_eq!(support::redis_host_port("redis://:secret@cache.internal:6380/2"), "cache.internal:6380");
+        assert_eq!(support::redis_host_port("rediss://user:pw@[::1]:7000?timeout=1"), "[::1]:7000");
+        assert_eq!(support::redis_host_port("redis://localhost"), "localhost:6379");
+        assert_eq!(support::redis_host_port("redis://[::1]/0"), "[::1]:6379");
+        assert_eq!(support::postgres_host_port("postgres://postgres@127.0.0.1:5432/test"), "127.0.0.1:5432");
+        assert_eq!(support::postgres_host_port("postgres://db/test"), "db:5432");
+        assert_eq!(
+            support::with_host_port("postgres://u:p@127.0.0.1:5432/test?sslmode=disable", "127.0.0.1:40000"),
+            "postgres://u:p@127.0.0.1:40000/test?sslmode=disable"
+        );
+        assert_eq!(support::with_host_port("redis://127.0.0.1:6379", "127.0.0.1:1"), "redis://127.0.0.1:1");
+    }
+
+    /// An echo server on an ephemeral port.
+    async fn echo_server() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut read, mut write) = socket.split();
+                    let _ = tokio::io::copy(&mut read, &mut write).await;
+                });
+            }
+        });
+        addr
+    }
+
+    async fn echoes(stream: &mut TcpStream) -> bool {
+        if stream.write_all(b"ping").await.is_err() {
+            return false;
+        }
+        let mut buffer = [0u8; 4];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(3), stream.read_exact(&mut buffer));
+        matches!(read.await, Ok(Ok(_))) && &buffer == b"ping"
+    }
+
+    #[tokio::test]
+    async fn tcp_proxy_cuts_and_restores() {
+        let proxy = support::TcpProxy::start(&echo_server().await).await;
+        let mut live = TcpStream::connect(proxy.addr()).await.unwrap();
+        assert!(echoes(&mut live).await);
+
+        proxy.cut();
+        assert!(!echoes(&mut live).await, "a live connection is closed by cut");
+        // New connections are accepted, then closed at once.
+        let mut refused = TcpStream::connect(proxy.addr()).await.unwrap();
+        assert!(!echoes(&mut refused).await, "new connections are dropped while cut");
+
+        proxy.restore();
+        let mut fresh = TcpStream::connect(proxy.addr()).await.unwrap();
+        assert!(echoes(&mut fresh).await);
+        assert!(!echoes(&mut live).await, "connections closed by cut stay closed");
     }
 }

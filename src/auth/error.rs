@@ -71,6 +71,9 @@ impl From<HotError> for AuthError {
 
 impl From<HashError> for AuthError {
     fn from(error: HashError) -> Self {
-        AuthError::Internal(error.into())
+        match error {
+            HashError::Busy => AuthError::Unavailable(error.into()),
+            other => AuthError::Internal(other.into()),
+        }
     }
 }

@@ -72,7 +72,8 @@ impl Auth {
     async fn upgrade_hash(&self, user: &UserRecord, password: &str) {
         let result = async {
             let hash = self.hasher.hash(password).await?;
-            self.store.set_password_hash(user.id, &hash).await?;
+            // Only if unchanged since we read it: never undo a concurrent password change.
+            self.store.replace_password_hash(user.id, &user.password_hash, &hash).await?;
             Ok::<_, AuthError>(())
         }
         .await;

@@ -10,6 +10,8 @@ mod refresh;
 mod register;
 pub mod revocation;
 mod sessions;
+#[cfg(test)]
+mod tests;
 mod validate;
 
 use std::time::Duration;
@@ -44,6 +46,9 @@ pub struct Auth {
     /// How long a revocation must be remembered in the hot state: until every access
     /// token issued before it has expired.
     revocation_ttl: Duration,
+    /// Woken when the hot state fails, so the reconciler re-publishes revocations as soon
+    /// as it is back.
+    resync: tokio::sync::Notify,
 }
 
 /// The authenticated caller of a user call (from `authorization: Bearer`).
@@ -84,7 +89,9 @@ pub struct AuthParts {
 
 impl Auth {
     pub fn new(parts: AuthParts) -> Auth {
-        let revocation_ttl = parts.tokens.ttl() + parts.leeway + Duration::from_secs(1);
+        // Leeway twice: it is the clock-skew budget between the replica that signed a token
+        // and the one that checks it.
+        let revocation_ttl = parts.tokens.ttl() + 2 * parts.leeway + Duration::from_secs(1);
         Auth {
             store: parts.store,
             hot: parts.hot,
@@ -94,6 +101,7 @@ impl Auth {
             activity: parts.activity,
             sessions: parts.sessions,
             revocation_ttl,
+            resync: tokio::sync::Notify::new(),
         }
     }
 

@@ -48,7 +48,15 @@ impl Auth {
                 }
                 Err(AuthError::InvalidRefreshToken)
             }
-            RotateOutcome::Dead(_) | RotateOutcome::Unknown => Err(AuthError::InvalidRefreshToken),
+            RotateOutcome::Dead(session) => {
+                // A recent revocation may have failed to reach the hot state (the call that
+                // made it answered UNAVAILABLE): publishing again is idempotent and cheap.
+                if session.revoked_at.is_some_and(|at| at > now - self.revocation_ttl) {
+                    self.publish_revocations(&[session.id]).await?;
+                }
+                Err(AuthError::InvalidRefreshToken)
+            }
+            RotateOutcome::Unknown => Err(AuthError::InvalidRefreshToken),
         }
     }
 }

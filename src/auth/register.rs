@@ -10,13 +10,24 @@ use super::{
 use crate::store::{NewUser, UserRecord};
 
 /// A registration request as received.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Registration {
     pub username: String,
     pub email: String,
     pub password: String,
     pub first_name: String,
     pub last_name: String,
+}
+
+/// Never prints the password, whatever logs it.
+impl std::fmt::Debug for Registration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registration")
+            .field("username", &self.username)
+            .field("email", &self.email)
+            .field("password", &"<redacted>")
+            .finish_non_exhaustive()
+    }
 }
 
 impl Auth {

@@ -1,5 +1,10 @@
 //! Revocations: the store records them (the source of truth); the hot state makes them
 //! visible to ValidateToken on every replica without touching SQL.
+//!
+//! The hot state can lose them (a Redis restart, failover or eviction; a fresh in-memory
+//! state at start-up), so a reconciler re-publishes every revocation whose tokens may still
+//! be alive: at start-up, every `revocation_resync_interval`, and as soon as the hot state
+//! answers again after an error.
 
 use std::time::Duration;
 
@@ -8,17 +13,31 @@ use uuid::Uuid;
 use super::{Auth, AuthError, register::now_micros};
 
 impl Auth {
-    /// Tells every replica, through the hot state, that these sessions are over.
+    /// Tells every replica, through the hot state, that these sessions are over. Tries all
+    /// of them even if one fails; the call can then be retried as a whole.
     pub(crate) async fn publish_revocations(&self, sessions: &[Uuid]) -> Result<(), AuthError> {
+        let mut failure = None;
         for &session in sessions {
-            self.hot.revoke_session(session, self.revocation_ttl).await?;
+            if let Err(e) = self.hot.revoke_session(session, self.revocation_ttl).await {
+                failure = Some(e);
+            }
         }
-        Ok(())
+        match failure {
+            None => Ok(()),
+            Some(e) => {
+                self.resync.notify_one();
+                Err(e.into())
+            }
+        }
     }
 
-    /// Re-publishes every revocation whose access tokens may still be alive. Run at
-    /// start-up, so a hot state that lost its data (a Redis restart, a fresh in-memory
-    /// state) never lets a revoked session's token validate again.
+    /// Tells the reconciler the hot state failed: it re-publishes as soon as it answers again.
+    pub fn hot_state_failed(&self) {
+        self.resync.notify_one();
+    }
+
+    /// Re-publishes every revocation whose access tokens may still be alive. Returns how
+    /// many.
     pub async fn republish_recent_revocations(&self) -> Result<usize, AuthError> {
         let now = now_micros();
         let since = now - self.revocation_ttl;
@@ -30,5 +49,37 @@ impl Auth {
             self.hot.revoke_session(*session, ttl).await?;
         }
         Ok(revoked.len())
+    }
+
+    /// Keeps the hot state's revocations complete until `stop` resolves: re-publishes every
+    /// `interval`, at once when a hot-state error was seen, and retries every second while
+    /// it fails.
+    pub async fn reconcile_revocations(
+        &self,
+        interval: Duration,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(stop);
+        let mut wait = interval;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = self.resync.notified() => {
+                    // Let the hot state come back before trying.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                () = &mut stop => return,
+            }
+            wait = match self.republish_recent_revocations().await {
+                Ok(count) => {
+                    tracing::debug!(count, "revocations re-published");
+                    interval
+                }
+                Err(error) => {
+                    tracing::warn!(error = ?error, "cannot re-publish revocations; retrying");
+                    interval.min(Duration::from_secs(1))
+                }
+            };
+        }
     }
 }

@@ -47,11 +47,15 @@ impl Auth {
         keep_current: bool,
     ) -> Result<usize, AuthError> {
         let keep = keep_current.then_some(principal.session_id);
+        let now = now_micros();
         let revoked = self
             .store
-            .revoke_user_sessions(principal.user_id, keep, RevokeReason::RevokedByUser, now_micros())
+            .revoke_user_sessions(principal.user_id, keep, RevokeReason::RevokedByUser, now)
             .await?;
-        self.publish_revocations(&revoked).await?;
+        // Publish every recent revocation of the user, not only this call's: if an earlier
+        // attempt committed but failed to publish, its retry lands here with nothing new.
+        let recent = self.store.revoked_sessions_of(principal.user_id, now - self.revocation_ttl).await?;
+        self.publish_revocations(&recent).await?;
         Ok(revoked.len())
     }
 }

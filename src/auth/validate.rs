@@ -50,7 +50,9 @@ impl Auth {
         ) else {
             return Ok(TokenCheck::Invalid(InvalidReason::Token(TokenRejection::Malformed)));
         };
-        if self.hot.is_session_revoked(session_id).await? {
+        let revoked =
+            self.hot.is_session_revoked(session_id).await.inspect_err(|_| self.resync.notify_one())?;
+        if revoked {
             return Ok(TokenCheck::Invalid(InvalidReason::SessionRevoked));
         }
         if !required_roles.iter().all(|role| claims.roles.contains(role)) {

@@ -6,9 +6,17 @@
 //! still verify (the way they were made) and are flagged for upgrade.
 //!
 //! bcrypt is CPU-bound for hundreds of milliseconds: it always runs on the blocking pool,
-//! at most `concurrency` at once, never on the async workers.
+//! at most `concurrency` at once, never on the async workers; a call that cannot get a slot
+//! within `queue_timeout` is refused rather than queued without bound.
+//!
+//! A failed verification never answers faster than a verification at the live cost, so
+//! accounts whose hash has a lower cost (imported, or older than a cost increase) cannot be
+//! told apart from unknown ones by timing.
 
-use std::sync::Arc;
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use aws_lc_rs::hmac;
 use base64::{Engine, engine::general_purpose::STANDARD};
@@ -23,6 +31,10 @@ pub struct PasswordHasher {
     /// A hash with the live cost, verified against when the user does not exist, so an
     /// unknown user costs what a wrong password costs.
     dummy_hash: String,
+    queue_timeout: Duration,
+    /// How long one bcrypt at the live cost took at start-up: failed verifications take at
+    /// least this long.
+    failure_floor: Duration,
 }
 
 /// The outcome of checking a password against a stored hash.
@@ -41,10 +53,18 @@ pub enum HashError {
     Join(#[from] tokio::task::JoinError),
     #[error("pepper must be at least 32 bytes")]
     WeakPepper,
+    /// Every bcrypt slot stayed busy for the whole queue timeout.
+    #[error("password hashing is saturated")]
+    Busy,
 }
 
 impl PasswordHasher {
-    pub async fn new(pepper: &[u8], cost: u32, concurrency: usize) -> Result<PasswordHasher, HashError> {
+    pub async fn new(
+        pepper: &[u8],
+        cost: u32,
+        concurrency: usize,
+        queue_timeout: Duration,
+    ) -> Result<PasswordHasher, HashError> {
         if pepper.len() < 32 {
             return Err(HashError::WeakPepper);
         }
@@ -53,10 +73,15 @@ impl PasswordHasher {
             cost,
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
             dummy_hash: String::new(),
+            queue_timeout,
+            failure_floor: Duration::ZERO,
         };
         let mut random = [0u8; 32];
         aws_lc_rs::rand::fill(&mut random).map_err(|_| HashError::WeakPepper)?;
+        let started = Instant::now();
         hasher.dummy_hash = hasher.hash(&STANDARD.encode(random)).await?;
+        // Hashing and verifying cost the same: the salt setup dominates both.
+        hasher.failure_floor = started.elapsed();
         Ok(hasher)
     }
 
@@ -75,6 +100,15 @@ impl PasswordHasher {
     /// Checks `password` against `stored`, or against the dummy hash when there is no user,
     /// so both cases cost one bcrypt verification.
     pub async fn verify(&self, password: &str, stored: Option<&str>) -> Result<Verified, HashError> {
+        let started = Instant::now();
+        let verified = self.verify_unpadded(password, stored).await?;
+        if !verified.matches {
+            tokio::time::sleep(self.failure_floor.saturating_sub(started.elapsed())).await;
+        }
+        Ok(verified)
+    }
+
+    async fn verify_unpadded(&self, password: &str, stored: Option<&str>) -> Result<Verified, HashError> {
         let Some(stored) = stored else {
             let prehash = self.prehash(password);
             let dummy = self.dummy_hash[PEPPERED_PREFIX.len()..].to_string();
@@ -105,7 +139,8 @@ impl PasswordHasher {
         &self,
         job: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, HashError> {
-        let _permit = self.permits.acquire().await.expect("the hashing semaphore is never closed");
+        let permit = tokio::time::timeout(self.queue_timeout, self.permits.acquire()).await;
+        let _permit = permit.map_err(|_| HashError::Busy)?.expect("the hashing semaphore is never closed");
         Ok(tokio::task::spawn_blocking(job).await?)
     }
 }
@@ -121,6 +156,7 @@ mod tests {
     use proptest::prelude::*;
 
     const PEPPER: [u8; 32] = [7; 32];
+    const QUEUE: Duration = Duration::from_secs(30);
 
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
@@ -128,7 +164,7 @@ mod tests {
 
     #[tokio::test]
     async fn hashes_verify_and_wrong_passwords_do_not() {
-        let hasher = PasswordHasher::new(&PEPPER, 4, 2).await.unwrap();
+        let hasher = PasswordHasher::new(&PEPPER, 4, 2, QUEUE).await.unwrap();
         let hash = hasher.hash("correct horse battery staple").await.unwrap();
         assert!(hash.starts_with("hmac-sha256:$2b$04$"));
         let ok = hasher.verify("correct horse battery staple", Some(&hash)).await.unwrap();
@@ -139,15 +175,15 @@ mod tests {
 
     #[tokio::test]
     async fn another_pepper_does_not_verify() {
-        let a = PasswordHasher::new(&PEPPER, 4, 1).await.unwrap();
-        let b = PasswordHasher::new(&[8; 32], 4, 1).await.unwrap();
+        let a = PasswordHasher::new(&PEPPER, 4, 1, QUEUE).await.unwrap();
+        let b = PasswordHasher::new(&[8; 32], 4, 1, QUEUE).await.unwrap();
         let hash = a.hash("a long enough password").await.unwrap();
         assert!(!b.verify("a long enough password", Some(&hash)).await.unwrap().matches);
     }
 
     #[tokio::test]
     async fn legacy_hashes_verify_and_ask_for_an_upgrade() {
-        let hasher = PasswordHasher::new(&PEPPER, 5, 1).await.unwrap();
+        let hasher = PasswordHasher::new(&PEPPER, 5, 1, QUEUE).await.unwrap();
         for legacy in [
             bcrypt::hash("seed-password-1", 4).unwrap(),
             bcrypt::hash("seed-password-1", 4).unwrap().replacen("$2b$", "$2a$", 1),
@@ -158,16 +194,40 @@ mod tests {
             assert!(!hasher.verify("seed-password-2", Some(&legacy)).await.unwrap().matches);
         }
         let outdated =
-            PasswordHasher::new(&PEPPER, 4, 1).await.unwrap().hash("pw-of-cost-four").await.unwrap();
+            PasswordHasher::new(&PEPPER, 4, 1, QUEUE).await.unwrap().hash("pw-of-cost-four").await.unwrap();
         assert!(hasher.verify("pw-of-cost-four", Some(&outdated)).await.unwrap().needs_rehash);
     }
 
     #[tokio::test]
     async fn corrupt_stored_hashes_never_match() {
-        let hasher = PasswordHasher::new(&PEPPER, 4, 1).await.unwrap();
+        let hasher = PasswordHasher::new(&PEPPER, 4, 1, QUEUE).await.unwrap();
         for stored in ["", "plaintext", "hmac-sha256:", "$2b$04$short"] {
             assert!(!hasher.verify("x", Some(stored)).await.unwrap().matches, "{stored:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_cheaper_stored_hash_fails_no_faster_than_the_live_cost() {
+        let hasher = PasswordHasher::new(&PEPPER, 10, 1, QUEUE).await.unwrap();
+        let cheap = bcrypt::hash("legacy-password", 4).unwrap();
+        let started = Instant::now();
+        assert!(!hasher.verify("wrong", Some(&cheap)).await.unwrap().matches);
+        assert!(started.elapsed() >= hasher.failure_floor);
+        let started = Instant::now();
+        assert!(hasher.verify("legacy-password", Some(&cheap)).await.unwrap().matches);
+        assert!(started.elapsed() < hasher.failure_floor, "successes are not padded");
+    }
+
+    #[tokio::test]
+    async fn a_saturated_hasher_refuses_instead_of_queueing_forever() {
+        let hasher = Arc::new(PasswordHasher::new(&PEPPER, 12, 1, Duration::from_millis(50)).await.unwrap());
+        let busy = {
+            let hasher = hasher.clone();
+            tokio::spawn(async move { hasher.hash("occupies the only slot").await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(matches!(hasher.hash("waits too long").await, Err(HashError::Busy)));
+        busy.await.unwrap().unwrap();
     }
 
     proptest! {
@@ -180,7 +240,7 @@ mod tests {
             position in any::<prop::sample::Index>(),
         ) {
             let rt = runtime();
-            let hasher = rt.block_on(PasswordHasher::new(&PEPPER, 4, 1)).unwrap();
+            let hasher = rt.block_on(PasswordHasher::new(&PEPPER, 4, 1, QUEUE)).unwrap();
             let password = format!("{prefix}{tail}");
             let hash = rt.block_on(hasher.hash(&password)).unwrap();
             let mut altered: Vec<char> = password.chars().collect();

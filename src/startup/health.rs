@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-use crate::{hot::DynHotState, store::DynStore};
+use crate::{auth::Auth, hot::DynHotState, store::DynStore};
 
 /// The services health is reported for: the server as a whole ("") and each service.
 const SERVICES: &[&str] = &["", "portcullis.v1.AuthService", "portcullis.v1.SessionService"];
@@ -17,18 +17,38 @@ pub async fn report_all(reporter: &HealthReporter, status: ServingStatus) {
     }
 }
 
+/// Ends every open `Health/Watch` stream (after NOT_SERVING was sent to it), so they do
+/// not hold their connections open through a graceful shutdown.
+pub async fn end_watches(mut reporter: HealthReporter) {
+    for service in SERVICES {
+        reporter.clear_service_status(service).await;
+    }
+}
+
+/// A dependency that does not answer within this is down, not slow.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub async fn watch_dependencies(
     reporter: HealthReporter,
     store: DynStore,
     hot: DynHotState,
+    auth: std::sync::Arc<Auth>,
     interval: Duration,
     mut stopping: watch::Receiver<bool>,
 ) {
     let mut last = Some(ServingStatus::Serving);
     loop {
-        let (db, redis) = tokio::join!(store.ping(), hot.ping());
+        let (db, redis) = tokio::join!(
+            tokio::time::timeout(PING_TIMEOUT, store.ping()),
+            tokio::time::timeout(PING_TIMEOUT, hot.ping()),
+        );
+        let db = db.map_err(|_| "timed out".to_string()).and_then(|r| r.map_err(|e| format!("{e:#}")));
+        let redis = redis.map_err(|_| "timed out".to_string()).and_then(|r| r.map_err(|e| format!("{e:#}")));
         if *stopping.borrow() {
             return;
+        }
+        if redis.is_err() {
+            auth.hot_state_failed();
         }
         let status =
             if db.is_ok() && redis.is_ok() { ServingStatus::Serving } else { ServingStatus::NotServing };

@@ -37,11 +37,20 @@ pub struct Application {
 /// Connects to the configured database (no migrations).
 pub async fn connect_store(settings: &Settings) -> anyhow::Result<DynStore> {
     let url = settings.database_url();
-    let (max, timeout) = (settings.database.max_connections, settings.database.acquire_timeout);
+    let db = &settings.database;
+    let (max, acquire, statement) = (db.max_connections, db.acquire_timeout, db.statement_timeout);
     let store: DynStore = if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-        Arc::new(PostgresStore::connect(&url, max, timeout).await.context("cannot connect to PostgreSQL")?)
+        Arc::new(
+            PostgresStore::connect(&url, max, acquire, statement)
+                .await
+                .context("cannot connect to PostgreSQL")?,
+        )
     } else if url.starts_with("sqlite:") {
-        Arc::new(SqliteStore::connect(&url, max, timeout).await.context("cannot open the SQLite database")?)
+        Arc::new(
+            SqliteStore::connect(&url, max, acquire, statement)
+                .await
+                .context("cannot open the SQLite database")?,
+        )
     } else {
         anyhow::bail!("database_url must start with postgres:// or sqlite://");
     };
@@ -79,7 +88,13 @@ impl Application {
             .password
             .hashing_concurrency
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-        let hasher = PasswordHasher::new(&pepper, settings.password.bcrypt_cost, concurrency).await?;
+        let hasher = PasswordHasher::new(
+            &pepper,
+            settings.password.bcrypt_cost,
+            concurrency,
+            settings.password.hashing_queue_timeout,
+        )
+        .await?;
 
         let activity = Arc::new(ActivityRecorder::default());
         let auth = Arc::new(Auth::new(AuthParts {
@@ -119,15 +134,21 @@ impl Application {
             health_reporter.clone(),
             store.clone(),
             hot,
+            auth.clone(),
             settings.server.health_check_interval,
             stopping.clone(),
         ));
+        // Background work that must outlive the drain stops on `drained`, after the server.
+        let (drained_tx, drained) = watch::channel(false);
         let activity_task = {
-            let (activity, store, mut stopping) = (activity.clone(), store.clone(), stopping.clone());
+            let (activity, store, drained) = (activity.clone(), store.clone(), drained.clone());
             let interval = settings.sessions.activity_flush_interval;
-            tokio::spawn(async move {
-                activity.run(store, interval, async move { _ = stopping.wait_for(|s| *s).await }).await;
-            })
+            tokio::spawn(async move { activity.run(store, interval, until(drained)).await })
+        };
+        let reconciler_task = {
+            let (auth, drained) = (auth.clone(), drained.clone());
+            let interval = settings.sessions.revocation_resync_interval;
+            tokio::spawn(async move { auth.reconcile_revocations(interval, until(drained)).await })
         };
 
         let ctx = Arc::new(ApiContext { auth, trusted_proxies: settings.server.trusted_proxies.clone() });
@@ -149,6 +170,7 @@ impl Application {
 
         let (stop_accepting_tx, stop_accepting) = tokio::sync::oneshot::channel::<()>();
         let server = Server::builder()
+            .timeout(settings.server.request_timeout)
             .trace_fn(|request| tracing::info_span!("rpc", method = %request.uri().path()))
             .add_service(health_service)
             .add_optional_service(reflection)
@@ -168,6 +190,8 @@ impl Application {
                 tracing::info!(grace = ?settings.server.shutdown_grace, "shutting down: draining in-flight calls");
                 _ = stopping_tx.send(true);
                 health::report_all(&health_reporter, tonic_health::ServingStatus::NotServing).await;
+                // Open Health/Watch streams would hold their connections (and the drain) open.
+                health::end_watches(health_reporter.clone()).await;
                 _ = stop_accepting_tx.send(());
                 match tokio::time::timeout(settings.server.shutdown_grace, &mut server).await {
                     Ok(result) => result.context("gRPC server failed"),
@@ -179,11 +203,19 @@ impl Application {
             }
         };
         _ = stopping_tx.send(true);
+        // Activity noted during the drain is written now, once no call can add more.
+        _ = drained_tx.send(true);
         _ = tokio::time::timeout(Duration::from_secs(5), activity_task).await;
+        _ = tokio::time::timeout(Duration::from_secs(1), reconciler_task).await;
         health_task.abort();
         tracing::info!("portcullis stopped");
         result
     }
+}
+
+/// Resolves once the flag turns true (or its sender is gone).
+async fn until(mut flag: watch::Receiver<bool>) {
+    _ = flag.wait_for(|set| *set).await;
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

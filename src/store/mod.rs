@@ -33,8 +33,15 @@ pub trait Store: Send + Sync + 'static {
 
     async fn find_user(&self, user_id: Uuid) -> Result<Option<UserRecord>, StoreError>;
 
-    /// Replaces the stored password hash (used to upgrade legacy or outdated hashes).
-    async fn set_password_hash(&self, user_id: Uuid, password_hash: &str) -> Result<(), StoreError>;
+    /// Replaces the stored password hash only if it is still `expected` (compare-and-swap),
+    /// so upgrading a hash at login can never undo a password change that committed in
+    /// between. Returns whether it replaced it.
+    async fn replace_password_hash(
+        &self,
+        user_id: Uuid,
+        expected: &str,
+        new_hash: &str,
+    ) -> Result<bool, StoreError>;
 
     async fn create_session(&self, session: &NewSession) -> Result<SessionRecord, StoreError>;
 
@@ -79,8 +86,17 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<SessionRecord>, StoreError>;
 
     /// Write-behind of "last active": raises `last_active_at` to the given instant (never
-    /// lowers it) for each session, in one transaction.
+    /// lowers it) for each session. Best effort: PostgreSQL skips rows another transaction
+    /// holds locked at that moment rather than wait (no deadlocks between replicas).
     async fn record_activity(&self, activity: &[(Uuid, OffsetDateTime)]) -> Result<(), StoreError>;
+
+    /// Sessions of `user_id` revoked at or after `since`: what a retried "revoke all" must
+    /// publish again, even though the store already holds them revoked.
+    async fn revoked_sessions_of(
+        &self,
+        user_id: Uuid,
+        since: OffsetDateTime,
+    ) -> Result<Vec<Uuid>, StoreError>;
 
     /// Sessions revoked at or after `since`, with their revocation instant: the
     /// revocations whose access tokens may still be alive, re-published to the hot state
@@ -110,13 +126,43 @@ pub enum StoreError {
 
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
-        match error {
+        let transient = match &error {
             sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::Io(_)
             | sqlx::Error::Tls(_)
-            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(error),
-            other => StoreError::Database(other),
+            | sqlx::Error::WorkerCrashed => true,
+            sqlx::Error::Database(db) => db.code().is_some_and(|code| is_transient_code(&code)),
+            _ => false,
+        };
+        if transient { StoreError::Unavailable(error) } else { StoreError::Database(error) }
+    }
+}
+
+/// Database error codes after which retrying later may well work: PostgreSQL connection
+/// exceptions (08xxx), shutdown/failover (57P01-57P03), serialization failures and deadlocks
+/// (40001, 40P01), too many connections (53300), statement timeout (57014); SQLite
+/// BUSY/LOCKED (primary codes 5 and 6, whatever their extended code).
+fn is_transient_code(code: &str) -> bool {
+    // PostgreSQL SQLSTATEs are always five characters; SQLite codes are shorter integers.
+    if code.len() < 5
+        && let Ok(sqlite) = code.parse::<u32>()
+    {
+        return matches!(sqlite & 0xff, 5 | 6);
+    }
+    code.starts_with("08")
+        || matches!(code, "57P01" | "57P02" | "57P03" | "40001" | "40P01" | "53300" | "57014")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn transient_codes() {
+        for code in ["08006", "57P01", "40P01", "40001", "53300", "57014", "5", "517", "6", "262"] {
+            assert!(super::is_transient_code(code), "{code}");
+        }
+        for code in ["23505", "42P01", "1", "19", "2067"] {
+            assert!(!super::is_transient_code(code), "{code}");
         }
     }
 }

@@ -1,10 +1,11 @@
 //! [`Store`] on PostgreSQL.
 
+use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, SqlStr};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -31,22 +32,38 @@ macro_rules! session_columns {
 
 pub struct PostgresStore {
     pool: PgPool,
+    /// The connect options without the statement timeout, for [`Store::migrate`].
+    options: PgConnectOptions,
+    acquire_timeout: Duration,
 }
 
 impl PostgresStore {
     /// Opens a pool and one connection right away, so a wrong or unreachable database fails
     /// start-up instead of the first request.
+    ///
+    /// Every connection is opened with the server-side `statement_timeout` set to
+    /// `statement_timeout` (rounded up to whole milliseconds; zero disables it, as in
+    /// PostgreSQL): a statement stuck on a lock or running away is cancelled by the server
+    /// and fails with SQLSTATE 57014, i.e. [`StoreError::Unavailable`], instead of holding a
+    /// connection and its caller forever. It overrides a `statement_timeout` set through the
+    /// URL's `options` parameter. (It cannot help when the server itself stops answering:
+    /// that is the callers' request deadline's job.)
     pub async fn connect(
         url: &str,
         max_connections: u32,
         acquire_timeout: Duration,
+        statement_timeout: Duration,
     ) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(url)?;
+        let with_timeout = options
+            .clone()
+            .options([("statement_timeout", format!("{}ms", timeout_millis(statement_timeout)))]);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(acquire_timeout)
-            .connect(url)
+            .connect_with(with_timeout)
             .await?;
-        Ok(Self { pool })
+        Ok(Self { pool, options, acquire_timeout })
     }
 
     /// Migrations are embedded so `migrate` works from any working directory (and without
@@ -70,7 +87,20 @@ impl Store for PostgresStore {
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
-        Self::migrator().run(&self.pool).await.map_err(StoreError::Migration)
+        // Migrations are exempt from the statement timeout: building an index on a large
+        // table may take minutes, and a replica starting while another migrates waits on
+        // the migrator's advisory lock for as long as that takes. So they run on a
+        // connection of their own, opened without the timeout and closed afterwards.
+        // (A one-connection pool rather than a bare connection: `Migrator::run` on a
+        // `&mut PgConnection` does not compile inside an `async_trait` method.)
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(self.acquire_timeout)
+            .connect_with(self.options.clone().options([("statement_timeout", "0")]))
+            .await?;
+        let result = Self::migrator().run(&pool).await.map_err(StoreError::Migration);
+        pool.close().await;
+        result
     }
 
     async fn create_user(&self, user: &NewUser) -> Result<UserRecord, StoreError> {
@@ -118,14 +148,24 @@ impl Store for PostgresStore {
         row.as_ref().map(user_from_row).transpose()
     }
 
-    async fn set_password_hash(&self, user_id: Uuid, password_hash: &str) -> Result<(), StoreError> {
-        sqlx::query("UPDATE users SET password_hash = $2, updated_at = $3 WHERE id = $1")
-            .bind(user_id)
-            .bind(password_hash)
-            .bind(OffsetDateTime::now_utc())
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+    async fn replace_password_hash(
+        &self,
+        user_id: Uuid,
+        expected: &str,
+        new_hash: &str,
+    ) -> Result<bool, StoreError> {
+        // One conditional UPDATE: a concurrent change queues on the row lock, and the WHERE
+        // clause is re-checked against the row it committed.
+        let replaced = sqlx::query(
+            "UPDATE users SET password_hash = $3, updated_at = $4 WHERE id = $1 AND password_hash = $2",
+        )
+        .bind(user_id)
+        .bind(expected)
+        .bind(new_hash)
+        .bind(OffsetDateTime::now_utc())
+        .execute(&self.pool)
+        .await?;
+        Ok(replaced.rows_affected() > 0)
     }
 
     async fn create_session(&self, session: &NewSession) -> Result<SessionRecord, StoreError> {
@@ -275,17 +315,45 @@ impl Store for PostgresStore {
         let (ids, instants): (Vec<Uuid>, Vec<OffsetDateTime>) = activity.iter().copied().unzip();
         // One statement for the whole batch; duplicates of a session collapse to their latest
         // instant, and the comparison only ever raises the stored value.
+        //
+        // Row locks: a plain UPDATE ... FROM locks rows in whatever order its join yields
+        // them, so two replicas flushing overlapping batches (or a batch and a "revoke all")
+        // could each hold a row the other waits for: a deadlock, and one of them fails.
+        // `locked` takes the locks first, in id order, and SKIP LOCKED never waits on a row
+        // another transaction holds: that row's touch is dropped, which is harmless since
+        // "last active" is approximate and the holder is another batch (writing it), a
+        // rotation (setting it to now) or a revocation (after which it no longer matters).
+        // At worst an older instant stands until the session's next touch. The UPDATE then
+        // only touches rows this statement already holds, so it never waits either.
         sqlx::query(
-            "UPDATE sessions AS s SET last_active_at = a.at \
-             FROM (SELECT id, max(at) AS at FROM UNNEST($1::uuid[], $2::timestamptz[]) AS t (id, at) \
-                   GROUP BY id) AS a \
-             WHERE s.id = a.id AND s.last_active_at < a.at",
+            "WITH a AS (SELECT id, max(at) AS at \
+                        FROM UNNEST($1::uuid[], $2::timestamptz[]) AS t (id, at) GROUP BY id), \
+                  locked AS (SELECT s.id, a.at FROM sessions AS s JOIN a ON a.id = s.id \
+                             WHERE s.last_active_at < a.at \
+                             ORDER BY s.id FOR UPDATE OF s SKIP LOCKED) \
+             UPDATE sessions AS s SET last_active_at = locked.at FROM locked \
+             WHERE s.id = locked.id AND s.last_active_at < locked.at",
         )
         .bind(ids)
         .bind(instants)
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    async fn revoked_sessions_of(
+        &self,
+        user_id: Uuid,
+        since: OffsetDateTime,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        let ids: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM sessions WHERE user_id = $1 AND revoked_at >= $2 ORDER BY revoked_at, id",
+        )
+        .bind(user_id)
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids)
     }
 
     async fn revoked_since(&self, since: OffsetDateTime) -> Result<Vec<(Uuid, OffsetDateTime)>, StoreError> {
@@ -296,6 +364,14 @@ impl Store for PostgresStore {
                 .await?;
         rows.iter().map(|row| Ok((get(row, "id")?, get(row, "revoked_at")?))).collect()
     }
+}
+
+/// `timeout` in whole milliseconds for PostgreSQL's `statement_timeout`: rounded up, so a
+/// sub-millisecond timeout does not become 0 ("no timeout"), and capped at the largest
+/// value the server accepts (`INT_MAX` ms, about 24.8 days).
+fn timeout_millis(timeout: Duration) -> u128 {
+    let millis = timeout.as_nanos().div_ceil(1_000_000);
+    millis.min(i32::MAX as u128)
 }
 
 /// Why a presented hash that the rotation did not match failed, given the session that

@@ -40,8 +40,9 @@ macro_rules! session_columns {
     };
 }
 
-/// How long a statement waits for another connection's write lock before failing.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a statement waits for another connection's write lock before failing, when
+/// no statement timeout is given.
+const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -51,16 +52,27 @@ impl SqliteStore {
     /// Opens (creating it and its directory if missing) the database at `url`, e.g.
     /// `sqlite://data/portcullis.db` or `sqlite::memory:`, with one connection opened right
     /// away so a bad path fails start-up.
+    ///
+    /// `statement_timeout` (the setting PostgreSQL enforces server-side) becomes SQLite's
+    /// busy timeout: how long a statement waits for another connection's write lock before
+    /// failing as [`StoreError::Unavailable`], the one wait on other connections an SQLite
+    /// statement has. Zero means the default of 10 s (an unbounded wait is not offered).
     pub async fn connect(
         url: &str,
         max_connections: u32,
         acquire_timeout: Duration,
+        statement_timeout: Duration,
     ) -> Result<Self, StoreError> {
+        let busy_timeout = if statement_timeout.is_zero() { DEFAULT_BUSY_TIMEOUT } else { statement_timeout };
+        // synchronous=FULL: with WAL, NORMAL may lose the last commits on power loss or an OS
+        // crash (they are durable only at the next checkpoint). An auth store must not
+        // resurrect a revoked session or roll a rotation back to a refresh token already
+        // handed out and replaced, so every commit is synced; its writes are few and small.
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .foreign_keys(true)
-            .busy_timeout(BUSY_TIMEOUT)
-            .synchronous(SqliteSynchronous::Normal);
+            .busy_timeout(busy_timeout)
+            .synchronous(SqliteSynchronous::Full);
         let pool_options = SqlitePoolOptions::new().acquire_timeout(acquire_timeout);
 
         let pool = if url.contains(":memory:") || url.contains("mode=memory") {
@@ -164,14 +176,24 @@ impl Store for SqliteStore {
         row.as_ref().map(user_from_row).transpose()
     }
 
-    async fn set_password_hash(&self, user_id: Uuid, password_hash: &str) -> Result<(), StoreError> {
-        sqlx::query("UPDATE users SET password_hash = $2, updated_at = $3 WHERE id = $1")
-            .bind(user_id)
-            .bind(password_hash)
-            .bind(micros(OffsetDateTime::now_utc()))
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+    async fn replace_password_hash(
+        &self,
+        user_id: Uuid,
+        expected: &str,
+        new_hash: &str,
+    ) -> Result<bool, StoreError> {
+        // One conditional UPDATE in autocommit: it takes the write lock before reading, so
+        // the comparison sees the latest committed hash.
+        let replaced = sqlx::query(
+            "UPDATE users SET password_hash = $3, updated_at = $4 WHERE id = $1 AND password_hash = $2",
+        )
+        .bind(user_id)
+        .bind(expected)
+        .bind(new_hash)
+        .bind(micros(OffsetDateTime::now_utc()))
+        .execute(&self.pool)
+        .await?;
+        Ok(replaced.rows_affected() > 0)
     }
 
     async fn create_session(&self, session: &NewSession) -> Result<SessionRecord, StoreError> {
@@ -333,6 +355,21 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn revoked_sessions_of(
+        &self,
+        user_id: Uuid,
+        since: OffsetDateTime,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        let ids: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM sessions WHERE user_id = $1 AND revoked_at >= $2 ORDER BY revoked_at, id",
+        )
+        .bind(user_id)
+        .bind(micros(since))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids)
     }
 
     async fn revoked_since(&self, since: OffsetDateTime) -> Result<Vec<(Uuid, OffsetDateTime)>, StoreError> {

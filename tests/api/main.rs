@@ -7,6 +7,7 @@ mod support;
 mod harness;
 
 mod bad_tokens;
+mod chaos;
 mod concurrency;
 mod login;
 mod operations;

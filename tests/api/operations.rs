@@ -73,11 +73,15 @@ async fn shutdown_reports_not_serving_and_drains_in_flight_calls() {
         tonic::Code::Unauthenticated,
         "the in-flight call got its real answer"
     );
+    // Drained, not timed out: the grace is 5 s, the server stops as soon as the call is done
+    // (an open Health/Watch stream must not hold it).
+    let drained = std::time::Instant::now();
     tokio::time::timeout(Duration::from_secs(5), server)
         .await
         .expect("stops within the grace")
         .unwrap()
         .unwrap();
+    assert!(drained.elapsed() < Duration::from_secs(2), "waited {:?} after the last call", drained.elapsed());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,9 +10,14 @@
 #![allow(dead_code)]
 
 use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use sqlx::postgres::PgConnection;
 use sqlx::{AssertSqlSafe, Connection};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::{AbortHandle, JoinHandle};
 
 pub const DATABASE_URL_VAR: &str = "PORTCULLIS_TEST_DATABASE_URL";
 pub const REDIS_URL_VAR: &str = "PORTCULLIS_TEST_REDIS_URL";
@@ -72,5 +77,132 @@ fn with_database(url: &str, database: &str) -> String {
     match query {
         Some(query) => format!("{server}/{database}?{query}"),
         None => format!("{server}/{database}"),
+    }
+}
+
+/// `host:port` of a `redis://` / `rediss://` URL, e.g. `127.0.0.1:6379` for
+/// `redis://:secret@127.0.0.1:6379/0`; port 6379 when the URL names none.
+pub fn redis_host_port(url: &str) -> String {
+    host_port(url, 6379)
+}
+
+/// `host:port` of a `postgres://` URL; port 5432 when the URL names none.
+pub fn postgres_host_port(url: &str) -> String {
+    host_port(url, 5432)
+}
+
+/// `url` with its `host:port` replaced by `host_port` (user, password, path and query kept),
+/// e.g. to send a client through a [`TcpProxy`].
+pub fn with_host_port(url: &str, host_port: &str) -> String {
+    let (start, end) = authority(url);
+    let userinfo_end = url[start..end].rfind('@').map_or(start, |at| start + at + 1);
+    format!("{}{host_port}{}", &url[..userinfo_end], &url[end..])
+}
+
+/// Byte range of the authority (`user:password@host:port`) of `url`.
+fn authority(url: &str) -> (usize, usize) {
+    let start = url.find("://").map_or(0, |at| at + 3);
+    let end = url[start..].find(['/', '?', '#']).map_or(url.len(), |at| start + at);
+    (start, end)
+}
+
+fn host_port(url: &str, default_port: u16) -> String {
+    let (start, end) = authority(url);
+    let authority = &url[start..end];
+    let host_port = authority.rfind('@').map_or(authority, |at| &authority[at + 1..]);
+    // A port follows the last colon, unless that colon is inside an IPv6 literal.
+    let has_port = host_port.rfind(':').is_some_and(|colon| !host_port[colon..].contains(']'));
+    if has_port { host_port.to_owned() } else { format!("{host_port}:{default_port}") }
+}
+
+/// A TCP proxy on 127.0.0.1 for chaos tests: clients connect to [`addr`](Self::addr) and are
+/// piped to `upstream`. [`cut`](Self::cut) closes every live connection and drops new ones
+/// on accept, as a dependency going away would; [`restore`](Self::restore) lets new ones
+/// through again. Dropping the proxy stops it and closes every connection.
+#[allow(dead_code)]
+pub struct TcpProxy {
+    addr: SocketAddr,
+    state: Arc<ProxyState>,
+    accept: JoinHandle<()>,
+}
+
+struct ProxyState {
+    upstream: String,
+    cut: AtomicBool,
+    /// The piping task of every connection accepted while not cut (finished ones are pruned
+    /// as new ones arrive). Checked and updated under this lock, so a connection accepted as
+    /// `cut` runs is either refused or closed by it, never left open.
+    connections: Mutex<Vec<AbortHandle>>,
+}
+
+#[allow(dead_code)]
+impl TcpProxy {
+    /// Listens on an ephemeral port of 127.0.0.1 and forwards to `upstream` (`host:port`).
+    pub async fn start(upstream: &str) -> TcpProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy: bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("proxy: local address");
+        let state = Arc::new(ProxyState {
+            upstream: upstream.to_owned(),
+            cut: AtomicBool::new(false),
+            connections: Mutex::new(Vec::new()),
+        });
+        let accept = tokio::spawn(accept_loop(listener, state.clone()));
+        TcpProxy { addr, state, accept }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Closes every live connection; until [`restore`](Self::restore), new connections are
+    /// accepted and closed at once (clients see the connection reset or closed, not a hang).
+    pub fn cut(&self) {
+        let mut connections = self.state.connections.lock().unwrap_or_else(|e| e.into_inner());
+        self.state.cut.store(true, Ordering::SeqCst);
+        for connection in connections.drain(..) {
+            // Aborting the piping task drops both sockets, closing them.
+            connection.abort();
+        }
+    }
+
+    /// Lets new connections through again (connections closed by `cut` stay closed).
+    pub fn restore(&self) {
+        self.state.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, state: Arc<ProxyState>) {
+    loop {
+        let Ok((client, _)) = listener.accept().await else {
+            // E.g. too many open files: back off instead of spinning.
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            continue;
+        };
+        let mut connections = state.connections.lock().unwrap_or_else(|e| e.into_inner());
+        if state.cut.load(Ordering::SeqCst) {
+            // Reset rather than a polite close, like a host that is gone.
+            let _ = client.set_zero_linger();
+            drop(client);
+            continue;
+        }
+        connections.retain(|connection| !connection.is_finished());
+        let upstream = state.upstream.clone();
+        let task = tokio::spawn(async move {
+            let mut client = client;
+            let Ok(mut server) = TcpStream::connect(&upstream).await else {
+                return; // Dropping the client closes it.
+            };
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+        });
+        connections.push(task.abort_handle());
     }
 }

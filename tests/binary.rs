@@ -1,8 +1,9 @@
-//! The real binary with no configuration at all, in an empty directory, driven by grpcurl
-//! alone through server reflection: what a newcomer does first.
+//! The real `portcullis` binary: its commands, and a smoke test with no configuration at all,
+//! in an empty directory, driven by grpcurl alone through server reflection — what a
+//! newcomer does first.
 //!
-//! grpcurl comes from `scripts/install-test-tools.sh`. Without it the test says it was
-//! skipped, except under CI, where a missing tool is a failure.
+//! grpcurl comes from `scripts/install-test-tools.sh`. Without it the smoke test says it
+//! was skipped, except under CI, where a missing tool is a failure.
 
 use std::{
     net::TcpListener,
@@ -167,4 +168,83 @@ fn a_fresh_directory_serves_register_login_validate_through_grpcurl() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "exit status after SIGTERM: {status}");
+}
+
+/// `portcullis <args>` in `dir` with only the given `PORTCULLIS_*` variables.
+fn portcullis(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_portcullis"));
+    command.args(args).current_dir(dir);
+    for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("PORTCULLIS_")) {
+        command.env_remove(key);
+    }
+    command.envs(env.iter().copied());
+    command.output().expect("portcullis runs")
+}
+
+#[test]
+fn config_check_prints_the_effective_configuration_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("portcullis.toml"),
+        "[tokens]\naccess_ttl = \"5m\"\n[server]\nlisten = \"127.0.0.1:6000\"\n",
+    )
+    .unwrap();
+    let out = portcullis(
+        dir.path(),
+        &["config", "check", "--config", "portcullis.toml"],
+        &[
+            ("PORTCULLIS_DATABASE_URL", "postgres://app:hunter2-db@db.internal:5432/auth"),
+            ("PORTCULLIS_REDIS_URL", "redis://:hunter2-redis@cache:6379"),
+            ("PORTCULLIS_PASSWORD__PEPPER", "aHVudGVyMi1wZXBwZXItaHVudGVyMi1wZXBwZXItaHVudGVyMg=="),
+            ("PORTCULLIS_SERVER__LISTEN", "0.0.0.0:7000"),
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("access_ttl = \"5m\""), "the file is read:\n{text}");
+    assert!(text.contains("listen = \"0.0.0.0:7000\""), "the environment wins over the file:\n{text}");
+    assert!(text.contains("postgres://app:<redacted>@db.internal:5432/auth"), "{text}");
+    for secret in ["hunter2", "aHVudGVy"] {
+        assert!(!text.contains(secret), "secret {secret} printed:\n{text}");
+    }
+}
+
+#[test]
+fn unsafe_or_broken_configuration_is_refused_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let no_redis =
+        portcullis(dir.path(), &["config", "check"], &[("PORTCULLIS_DATABASE_URL", "postgres://h/db")]);
+    assert!(!no_redis.status.success());
+    assert!(String::from_utf8_lossy(&no_redis.stderr).contains("redis_url"), "says what to set");
+    let bad_cost = portcullis(dir.path(), &["config", "check"], &[("PORTCULLIS_PASSWORD__BCRYPT_COST", "3")]);
+    assert!(!bad_cost.status.success());
+    assert!(String::from_utf8_lossy(&bad_cost.stderr).contains("bcrypt_cost"));
+    let missing_file = portcullis(dir.path(), &["--config", "nope.toml", "config", "check"], &[]);
+    assert!(!missing_file.status.success());
+}
+
+#[test]
+fn keys_generate_and_list_and_migrate() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut kids = Vec::new();
+    for alg in ["EdDSA", "ES256", "RS256"] {
+        let out = portcullis(dir.path(), &["keys", "generate", "--algorithm", alg, "--dir", "k"], &[]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let line = String::from_utf8(out.stdout).unwrap();
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(fields[1], alg, "{line}");
+        kids.push(fields[0].to_string());
+        std::thread::sleep(Duration::from_millis(1100)); // file names carry the second
+    }
+    let out = portcullis(dir.path(), &["keys", "list"], &[("PORTCULLIS_TOKENS__KEYS_DIR", "k")]);
+    let listing = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(listing.lines().count(), 3, "{listing}");
+    let signer: Vec<&str> = listing.lines().filter(|l| l.contains("signs+verifies")).collect();
+    assert_eq!(signer.len(), 1);
+    assert!(signer[0].starts_with(&kids[2]), "the newest key signs: {listing}");
+
+    let out =
+        portcullis(dir.path(), &["migrate"], &[("PORTCULLIS_DATABASE_URL", "sqlite://m/portcullis.db")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(dir.path().join("m/portcullis.db").exists());
 }

@@ -1,0 +1,89 @@
+//! Dependencies going away mid-test: Redis cut behind a TCP proxy, Redis losing its data.
+
+use std::{sync::Arc, time::Duration};
+
+use portcullis::api::pb::{self, TokenInvalidReason};
+use redis::AsyncCommands;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+use crate::{
+    harness::{Backend, TestApp, error_reason, eventually, reason, spawn_with_settings, test_settings},
+    support,
+};
+
+async fn serving(app: &TestApp) -> Option<i32> {
+    let mut health = HealthClient::new(app.channel());
+    health.check(HealthCheckRequest { service: String::new() }).await.ok().map(|r| r.into_inner().status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_fails_closed_and_recovery_keeps_revocations() {
+    let Some((mut settings, data)) = test_settings(Backend::Postgres).await else { return };
+    let redis_url = settings.redis_url.clone().unwrap();
+    let proxy = support::TcpProxy::start(&support::redis_host_port(&redis_url)).await;
+    settings.redis_url = Some(format!("redis://{}", proxy.addr()));
+    settings.sessions.revocation_resync_interval = Duration::from_millis(300);
+    let prefix = settings.redis.key_prefix.clone();
+    let app = spawn_with_settings(settings, Arc::new(data)).await;
+
+    let (kept, _, _) = app.user_session("ann").await;
+    let (gone, _, _) = app.user_session("ben").await;
+    app.logout(&gone).await.unwrap();
+    assert_eq!(reason(&app.validate(&gone).await), TokenInvalidReason::SessionRevoked);
+
+    // Redis unreachable: ValidateToken cannot know about revocations, so it fails closed,
+    // and health says NOT_SERVING.
+    proxy.cut();
+    let mut client = app.auth.clone();
+    let status = client
+        .validate_token(pb::ValidateTokenRequest { token: kept.clone(), required_roles: vec![] })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert_eq!(error_reason(&status), "UNAVAILABLE");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            serving(&app).await == Some(ServingStatus::NotServing as i32)
+        })
+        .await,
+        "health reports the outage"
+    );
+
+    // Back: serving again, without a restart.
+    proxy.restore();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            serving(&app).await == Some(ServingStatus::Serving as i32)
+        })
+        .await,
+        "health recovers"
+    );
+    assert!(eventually(Duration::from_secs(10), || async { app.validate_ok(&kept).await }).await);
+
+    // Redis loses our keys (a restart without persistence, a failover, a FLUSHALL): the
+    // revoked session must not come back for longer than the resync interval.
+    let mut redis = redis::Client::open(redis_url).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis.keys(format!("{prefix}*")).await.unwrap();
+    assert!(!keys.is_empty());
+    let _: () = redis.del(keys).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        reason(&app.validate(&gone).await),
+        TokenInvalidReason::SessionRevoked,
+        "re-published from the database"
+    );
+    assert!(app.validate(&kept).await.valid);
+}
+
+impl TestApp {
+    /// ValidateToken answered and said valid (an RPC error counts as "no").
+    async fn validate_ok(&self, token: &str) -> bool {
+        let mut client = self.auth.clone();
+        client
+            .validate_token(pb::ValidateTokenRequest { token: token.into(), required_roles: vec![] })
+            .await
+            .is_ok_and(|r| r.into_inner().valid)
+    }
+}
