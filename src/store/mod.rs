@@ -253,6 +253,18 @@ pub enum RotateOutcome {
     Unknown,
 }
 
+impl RotateOutcome {
+    /// Why a presented hash that the rotation did not take failed, given the session that
+    /// holds it as current (`is_current`) or as its previous hash.
+    pub fn not_rotated(is_current: bool, session: SessionRecord) -> RotateOutcome {
+        if is_current || session.revoked_at.is_some() {
+            RotateOutcome::Dead(session)
+        } else {
+            RotateOutcome::Superseded(session)
+        }
+    }
+}
+
 /// Why a session ended; stored with it for support and audit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RevokeReason {

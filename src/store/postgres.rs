@@ -229,7 +229,7 @@ impl Store for PostgresStore {
         };
         let is_current: bool = get(&row, "is_current")?;
         let session = session_from_row(&row)?;
-        Ok(classify(is_current, session))
+        Ok(RotateOutcome::not_rotated(is_current, session))
     }
 
     async fn find_session(&self, session_id: Uuid) -> Result<Option<SessionRecord>, StoreError> {
@@ -372,16 +372,6 @@ impl Store for PostgresStore {
 fn timeout_millis(timeout: Duration) -> u128 {
     let millis = timeout.as_nanos().div_ceil(1_000_000);
     millis.min(i32::MAX as u128)
-}
-
-/// Why a presented hash that the rotation did not match failed, given the session that
-/// knows it (`is_current`: as its current hash, else as its previous one).
-fn classify(is_current: bool, session: SessionRecord) -> RotateOutcome {
-    if is_current || session.revoked_at.is_some() {
-        RotateOutcome::Dead(session)
-    } else {
-        RotateOutcome::Superseded(session)
-    }
 }
 
 /// Unique violations on the user keys become [`StoreError::Conflict`], named by the

@@ -259,7 +259,7 @@ impl Store for SqliteStore {
         };
         let is_current: bool = get(&row, "is_current")?;
         let session = session_from_row(&row)?;
-        Ok(classify(is_current, session))
+        Ok(RotateOutcome::not_rotated(is_current, session))
     }
 
     async fn find_session(&self, session_id: Uuid) -> Result<Option<SessionRecord>, StoreError> {
@@ -379,16 +379,6 @@ impl Store for SqliteStore {
                 .fetch_all(&self.pool)
                 .await?;
         rows.iter().map(|row| Ok((get(row, "id")?, instant(row, "revoked_at")?))).collect()
-    }
-}
-
-/// Why a presented hash that the rotation did not match failed, given the session that
-/// knows it (`is_current`: as its current hash, else as its previous one).
-fn classify(is_current: bool, session: SessionRecord) -> RotateOutcome {
-    if is_current || session.revoked_at.is_some() {
-        RotateOutcome::Dead(session)
-    } else {
-        RotateOutcome::Superseded(session)
     }
 }
 
