@@ -6,6 +6,8 @@ const PROTOS: &[&str] = &[
     "proto/portcullis/v1/common.proto",
     "proto/portcullis/v1/auth.proto",
     "proto/portcullis/v1/session.proto",
+    "proto/portcullis/v1/password.proto",
+    "proto/portcullis/v1/account.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

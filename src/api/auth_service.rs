@@ -44,6 +44,22 @@ impl AuthService for AuthApi {
         Ok(Response::new(pb::RegisterResponse { user: Some(convert::user(user)) }))
     }
 
+    async fn verify_email(
+        &self,
+        request: Request<pb::VerifyEmailRequest>,
+    ) -> Result<Response<pb::VerifyEmailResponse>, Status> {
+        self.ctx.auth.verify_email(&request.into_inner().token).await.map_err(to_status)?;
+        Ok(Response::new(pb::VerifyEmailResponse {}))
+    }
+
+    async fn resend_verification(
+        &self,
+        request: Request<pb::ResendVerificationRequest>,
+    ) -> Result<Response<pb::ResendVerificationResponse>, Status> {
+        self.ctx.auth.resend_verification(&request.into_inner().email).await.map_err(to_status)?;
+        Ok(Response::new(pb::ResendVerificationResponse {}))
+    }
+
     async fn login(&self, request: Request<pb::LoginRequest>) -> Result<Response<pb::LoginResponse>, Status> {
         let client = client_info(&request, request.get_ref().client.as_ref(), &self.ctx.trusted_proxies)
             .map_err(to_status)?;

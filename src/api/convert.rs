@@ -22,6 +22,8 @@ pub fn user(user: UserRecord) -> pb::User {
         email_verified: user.email_verified_at.is_some(),
         roles: user.roles,
         created_at: Some(timestamp(user.created_at)),
+        phone: user.phone,
+        bio: user.bio,
     }
 }
 

@@ -2,9 +2,11 @@
 //! [`crate::auth`], and convert back. Domain errors become `tonic::Status` in
 //! [`status`], and only there.
 
+mod account_service;
 mod auth_service;
 mod client;
 mod convert;
+mod password_service;
 mod session_service;
 pub mod status;
 
@@ -12,7 +14,9 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
+pub use account_service::AccountApi;
 pub use auth_service::AuthApi;
+pub use password_service::PasswordApi;
 pub use session_service::SessionApi;
 
 use crate::auth::Auth;

@@ -44,6 +44,21 @@ pub fn to_status(error: AuthError) -> Status {
             "INVALID_REFRESH_TOKEN",
             ErrorDetails::new(),
         ),
+        AuthError::InvalidToken(field) => (
+            Code::InvalidArgument,
+            format!("{field} is invalid, expired or already used"),
+            "INVALID_TOKEN",
+            ErrorDetails::with_bad_request_violation(
+                field,
+                format!("{field} is invalid, expired or already used"),
+            ),
+        ),
+        AuthError::EmailNotVerified => (
+            Code::FailedPrecondition,
+            "email address not verified: follow the link in the verification mail".into(),
+            "EMAIL_NOT_VERIFIED",
+            ErrorDetails::new(),
+        ),
         AuthError::Unauthenticated(problem) => {
             let (message, reason) = bearer_problem(problem);
             (Code::Unauthenticated, message.into(), reason, ErrorDetails::new())

@@ -28,6 +28,13 @@ pub enum AuthError {
     /// Unknown, spent, expired or revoked refresh token: one answer for all.
     #[error("invalid refresh token")]
     InvalidRefreshToken,
+    /// A mailed single-use token (in the named field) that is unknown, spent, expired or
+    /// of another purpose: one answer for all.
+    #[error("invalid or expired token")]
+    InvalidToken(&'static str),
+    /// The password was right but the account's email is not verified yet.
+    #[error("email not verified")]
+    EmailNotVerified,
     /// The bearer token of a user call is missing or not valid.
     #[error("not authenticated: {0:?}")]
     Unauthenticated(BearerProblem),

@@ -48,6 +48,10 @@ impl Auth {
         if verified.needs_rehash {
             self.upgrade_hash(&user, password).await;
         }
+        // Checked after the password, so it tells nothing to someone who does not know it.
+        if self.require_verified_email && user.email_verified_at.is_none() {
+            return Err(AuthError::EmailNotVerified);
+        }
 
         let now = now_micros();
         let (refresh_token, refresh_hash) = refresh::generate();

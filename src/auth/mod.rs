@@ -1,11 +1,14 @@
 //! The flows: register, login, refresh, logout, token validation and session management.
 //! They know nothing of protobuf, tonic or which database runs underneath.
 
+mod account;
 pub mod activity;
 pub mod client;
 pub mod domain;
 pub mod error;
 mod login;
+mod mail;
+mod password;
 mod refresh;
 mod register;
 pub mod revocation;
@@ -13,12 +16,14 @@ mod sessions;
 #[cfg(test)]
 mod tests;
 mod validate;
+mod verification;
 
 use std::time::Duration;
 
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+pub use account::{AccountView, ProfileUpdate, ProfileUpdated};
 pub use activity::ActivityRecorder;
 pub use client::ClientInfo;
 pub use error::{AuthError, BearerProblem, FieldViolation};
@@ -27,8 +32,9 @@ pub use register::Registration;
 pub use validate::{InvalidReason, TokenCheck, ValidToken};
 
 use crate::{
-    config::SessionSettings,
+    config::{MailSettings, SessionSettings},
     hot::DynHotState,
+    mail::Templates,
     password::{PasswordHasher, PasswordPolicy},
     store::{DynStore, SessionRecord, UserRecord},
     token::AccessTokens,
@@ -49,6 +55,11 @@ pub struct Auth {
     /// Woken when the hot state fails, so the reconciler re-publishes revocations as soon
     /// as it is back.
     resync: tokio::sync::Notify,
+    templates: Templates,
+    mail: MailSettings,
+    /// Wakes the outbox worker right after a mail is committed.
+    outbox: std::sync::Arc<tokio::sync::Notify>,
+    require_verified_email: bool,
 }
 
 /// The authenticated caller of a user call (from `authorization: Bearer`).
@@ -85,6 +96,9 @@ pub struct AuthParts {
     pub activity: std::sync::Arc<ActivityRecorder>,
     pub sessions: SessionSettings,
     pub leeway: Duration,
+    pub mail: MailSettings,
+    pub outbox: std::sync::Arc<tokio::sync::Notify>,
+    pub require_verified_email: bool,
 }
 
 impl Auth {
@@ -102,6 +116,10 @@ impl Auth {
             sessions: parts.sessions,
             revocation_ttl,
             resync: tokio::sync::Notify::new(),
+            templates: Templates::new(&parts.mail),
+            mail: parts.mail,
+            outbox: parts.outbox,
+            require_verified_email: parts.require_verified_email,
         }
     }
 

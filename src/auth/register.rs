@@ -63,7 +63,11 @@ impl Auth {
             roles: Vec::new(),
             created_at: now_micros(),
         };
-        let created = self.store.create_user(&user).await?;
+        // The account and its verification mail commit together.
+        let mut tx = self.store.begin().await?;
+        let created = tx.create_user(&user).await?;
+        self.queue_verification(&mut tx, &created, created.created_at).await?;
+        self.commit_with_mail(tx).await?;
         tracing::info!(user_id = %created.id, "user registered");
         Ok(created)
     }

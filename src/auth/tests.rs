@@ -78,6 +78,9 @@ async fn harness(sessions: SessionSettings) -> Harness {
         activity: Arc::new(ActivityRecorder::default()),
         sessions,
         leeway: Duration::from_secs(30),
+        mail: crate::config::MailSettings::default(),
+        outbox: Arc::new(tokio::sync::Notify::new()),
+        require_verified_email: false,
     });
     Harness { auth: Arc::new(auth), hot, _keys: keys }
 }

@@ -66,14 +66,22 @@ impl PasswordPolicy {
         if length > self.max_length {
             return Err(PolicyViolation::TooLong { max: self.max_length });
         }
-        let folded = raw.to_lowercase();
-        if self.common.contains(folded.as_str()) {
+        if self.common.contains(raw.to_lowercase().as_str()) {
             return Err(PolicyViolation::Common);
         }
+        let password = NewPassword(raw);
+        Self::check_identity(&password, identity)?;
+        Ok(password)
+    }
+
+    /// The identity rule alone, for flows that learn the account only later (a reset
+    /// token names its user only once spent).
+    pub fn check_identity(password: &NewPassword, identity: &[&str]) -> Result<(), PolicyViolation> {
+        let folded = password.0.to_lowercase();
         if identity.iter().any(|id| !id.is_empty() && id.to_lowercase() == folded) {
             return Err(PolicyViolation::SameAsIdentity);
         }
-        Ok(NewPassword(raw))
+        Ok(())
     }
 }
 

@@ -9,7 +9,13 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{auth::Auth, hot::DynHotState, store::DynStore};
 
 /// The services health is reported for: the server as a whole ("") and each service.
-const SERVICES: &[&str] = &["", "portcullis.v1.AuthService", "portcullis.v1.SessionService"];
+const SERVICES: &[&str] = &[
+    "",
+    "portcullis.v1.AuthService",
+    "portcullis.v1.SessionService",
+    "portcullis.v1.PasswordService",
+    "portcullis.v1.AccountService",
+];
 
 pub async fn report_all(reporter: &HealthReporter, status: ServingStatus) {
     for service in SERVICES {

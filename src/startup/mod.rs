@@ -12,10 +12,11 @@ use tokio::sync::watch;
 use tonic::transport::{Server, server::TcpIncoming};
 
 use crate::{
-    api::{ApiContext, AuthApi, SessionApi, pb},
+    api::{AccountApi, ApiContext, AuthApi, PasswordApi, SessionApi, pb},
     auth::{ActivityRecorder, Auth, AuthParts},
     config::Settings,
     hot::{DynHotState, MemoryHotState, RedisHotState},
+    mail::{OutboxWorker, transport_from_settings},
     password::{PasswordHasher, PasswordPolicy},
     store::{DynStore, PostgresStore, SqliteStore},
     token::{AccessTokens, KeySet},
@@ -32,6 +33,7 @@ pub struct Application {
     store: DynStore,
     hot: DynHotState,
     activity: Arc<ActivityRecorder>,
+    outbox: OutboxWorker,
 }
 
 /// Connects to the configured database (no migrations).
@@ -97,6 +99,8 @@ impl Application {
         .await?;
 
         let activity = Arc::new(ActivityRecorder::default());
+        let transport = transport_from_settings(&settings).context("cannot set up mail delivery")?;
+        let outbox = OutboxWorker::new(store.clone(), transport, settings.mail.clone());
         let auth = Arc::new(Auth::new(AuthParts {
             store: store.clone(),
             hot: hot.clone(),
@@ -106,6 +110,9 @@ impl Application {
             activity: activity.clone(),
             sessions: settings.sessions.clone(),
             leeway: settings.tokens.leeway,
+            mail: settings.mail.clone(),
+            outbox: outbox.waker(),
+            require_verified_email: settings.login.require_verified_email,
         }));
         let republished = auth.republish_recent_revocations().await.context("cannot publish revocations")?;
         tracing::debug!(republished, "recent revocations published to the hot state");
@@ -114,7 +121,7 @@ impl Application {
             .with_context(|| format!("cannot listen on {}", settings.server.listen))?
             .with_nodelay(Some(true));
         let addr = incoming.local_addr()?;
-        Ok(Application { settings, incoming, addr, auth, store, hot, activity })
+        Ok(Application { settings, incoming, addr, auth, store, hot, activity, outbox })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -124,7 +131,7 @@ impl Application {
     /// Serves until `shutdown` resolves; then reports NOT_SERVING, stops accepting, and lets
     /// in-flight calls finish within `server.shutdown_grace`.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-        let Application { settings, incoming, addr, auth, store, hot, activity } = self;
+        let Application { settings, incoming, addr, auth, store, hot, activity, outbox } = self;
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         let (stopping_tx, stopping) = watch::channel(false);
         // `build` just reached both dependencies; the watcher takes over from here.
@@ -144,6 +151,10 @@ impl Application {
             let (activity, store, drained) = (activity.clone(), store.clone(), drained.clone());
             let interval = settings.sessions.activity_flush_interval;
             tokio::spawn(async move { activity.run(store, interval, until(drained)).await })
+        };
+        let outbox_task = {
+            let drained = drained.clone();
+            tokio::spawn(async move { outbox.run(until(drained)).await })
         };
         let reconciler_task = {
             let (auth, drained) = (auth.clone(), drained.clone());
@@ -176,7 +187,11 @@ impl Application {
             .add_optional_service(reflection)
             .add_optional_service(reflection_alpha)
             .add_service(pb::auth_service_server::AuthServiceServer::new(AuthApi::new(ctx.clone())))
-            .add_service(pb::session_service_server::SessionServiceServer::new(SessionApi::new(ctx)))
+            .add_service(pb::session_service_server::SessionServiceServer::new(SessionApi::new(ctx.clone())))
+            .add_service(pb::password_service_server::PasswordServiceServer::new(PasswordApi::new(
+                ctx.clone(),
+            )))
+            .add_service(pb::account_service_server::AccountServiceServer::new(AccountApi::new(ctx)))
             .serve_with_incoming_shutdown(incoming, async {
                 _ = stop_accepting.await;
             });
@@ -207,6 +222,7 @@ impl Application {
         _ = drained_tx.send(true);
         _ = tokio::time::timeout(Duration::from_secs(5), activity_task).await;
         _ = tokio::time::timeout(Duration::from_secs(1), reconciler_task).await;
+        _ = tokio::time::timeout(Duration::from_secs(5), outbox_task).await;
         health_task.abort();
         tracing::info!("portcullis stopped");
         result

@@ -99,9 +99,208 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<Uuid>, StoreError>;
 
     /// Sessions revoked at or after `since`, with their revocation instant: the
-    /// revocations whose access tokens may still be alive, re-published to the hot state
-    /// at start-up.
+    /// revocations whose access tokens may still be alive, re-published to the hot state.
+    /// Includes the sessions of deleted accounts (kept as tombstones without personal data).
     async fn revoked_since(&self, since: OffsetDateTime) -> Result<Vec<(Uuid, OffsetDateTime)>, StoreError>;
+
+    /// Starts a transaction, for flows that change several things at once: a state change
+    /// and the mail that reports it commit together or not at all.
+    async fn begin(&self) -> Result<Box<dyn StoreTx>, StoreError>;
+
+    /// The user a live (unused, unexpired) token of that purpose belongs to, without
+    /// spending it: lets a front end tell whether a link is still good.
+    async fn peek_token(
+        &self,
+        hash: &[u8],
+        purpose: TokenPurpose,
+        now: OffsetDateTime,
+    ) -> Result<Option<Uuid>, StoreError>;
+
+    /// Claims up to `limit` mails due for delivery (`next_attempt_at <= now`, not sent, not
+    /// given up) by moving their `next_attempt_at` to `now + lease`, so that no other
+    /// worker (replica) takes them meanwhile (PostgreSQL: `FOR UPDATE SKIP LOCKED`). A
+    /// worker that dies mid-delivery leaves them to be retried after the lease.
+    async fn claim_due_mail(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+        lease: std::time::Duration,
+    ) -> Result<Vec<OutboxMail>, StoreError>;
+
+    /// Records a delivery.
+    async fn mail_sent(&self, id: Uuid, now: OffsetDateTime) -> Result<(), StoreError>;
+
+    /// Records a failed attempt: `attempts + 1`, `last_error`, and the next attempt's time,
+    /// or `None` to give up (the row stays, with its last error).
+    async fn mail_failed(
+        &self,
+        id: Uuid,
+        error: &str,
+        next_attempt_at: Option<OffsetDateTime>,
+    ) -> Result<(), StoreError>;
+}
+
+/// One transaction (see [`Store::begin`]). Dropping it without `commit` rolls it back.
+/// Operations mirror the `Store` ones of the same name. A [`StoreError::Conflict`] leaves the
+/// transaction usable (PostgreSQL runs those statements in a savepoint); after any other
+/// error, drop it.
+///
+/// On SQLite a transaction holds the database's write lock from `begin` to its end: do not
+/// write through the [`Store`] while holding one (that write waits for the lock, then fails
+/// as `Unavailable`; with an in-memory database, whose pool has one connection, any `Store`
+/// call waits for the acquire timeout).
+#[async_trait]
+pub trait StoreTx: Send {
+    async fn create_user(&mut self, user: &NewUser) -> Result<UserRecord, StoreError>;
+
+    /// Reads the user and locks the row until the end of the transaction (PostgreSQL
+    /// `FOR UPDATE`; SQLite transactions hold the write lock from `BEGIN IMMEDIATE`).
+    async fn lock_user(&mut self, user_id: Uuid) -> Result<Option<UserRecord>, StoreError>;
+
+    async fn find_user_by_login(&mut self, login_key: &str) -> Result<Option<UserRecord>, StoreError>;
+
+    /// Stores a single-use token, first invalidating (marking used) the user's unused
+    /// tokens of the same purpose: requesting a new link kills the older ones.
+    async fn issue_token(&mut self, token: &NewOneTimeToken) -> Result<(), StoreError>;
+
+    /// Spends a live token of that purpose in ONE conditional statement (`UPDATE … SET
+    /// used_at = now WHERE hash = $1 AND purpose = $2 AND used_at IS NULL AND expires_at >
+    /// now RETURNING …`): of concurrent calls, at most one gets `Some`. `None` when the
+    /// token is unknown, used, expired or of another purpose.
+    async fn consume_token(
+        &mut self,
+        hash: &[u8],
+        purpose: TokenPurpose,
+        now: OffsetDateTime,
+    ) -> Result<Option<SpentToken>, StoreError>;
+
+    /// Kills every unused token of the user of that purpose (e.g. when the password
+    /// changes, pending reset links die with it).
+    async fn invalidate_tokens(
+        &mut self,
+        user_id: Uuid,
+        purpose: TokenPurpose,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError>;
+
+    async fn enqueue_mail(&mut self, mail: &NewMail) -> Result<(), StoreError>;
+
+    async fn set_password_hash(
+        &mut self,
+        user_id: Uuid,
+        password_hash: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError>;
+
+    /// Sets `email_verified_at` if unset. Returns whether it changed.
+    async fn mark_email_verified(&mut self, user_id: Uuid, now: OffsetDateTime) -> Result<bool, StoreError>;
+
+    /// Replaces the email (already verified by the caller's flow, so `email_verified_at`
+    /// becomes `now`). `Conflict("email")` when another account holds the key.
+    async fn set_email(
+        &mut self,
+        user_id: Uuid,
+        email: &str,
+        email_key: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError>;
+
+    /// Changes only the fields that are `Some` (and `updated_at`). An unknown user is
+    /// `Database(RowNotFound)`.
+    async fn update_profile(
+        &mut self,
+        user_id: Uuid,
+        changes: &ProfileChanges,
+        now: OffsetDateTime,
+    ) -> Result<UserRecord, StoreError>;
+
+    async fn revoke_user_sessions(
+        &mut self,
+        user_id: Uuid,
+        keep: Option<Uuid>,
+        reason: RevokeReason,
+        now: OffsetDateTime,
+    ) -> Result<Vec<Uuid>, StoreError>;
+
+    /// Deletes the account and everything personal about it (sessions, tokens, queued
+    /// mail to it), first recording its live sessions as revocation tombstones (session id
+    /// and instant only) so `revoked_since` still re-publishes them. Returns the ids of the
+    /// sessions that were live. (Sessions already revoked but unexpired are kept as
+    /// tombstones too, at their own revocation instant, but not returned.)
+    async fn delete_user(&mut self, user_id: Uuid, now: OffsetDateTime) -> Result<Vec<Uuid>, StoreError>;
+
+    async fn commit(self: Box<Self>) -> Result<(), StoreError>;
+}
+
+/// What a single-use token is for; a token never works for another purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenPurpose {
+    VerifyEmail,
+    ResetPassword,
+    /// Confirms a new address; the token carries it.
+    ChangeEmail,
+}
+
+impl TokenPurpose {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenPurpose::VerifyEmail => "verify_email",
+            TokenPurpose::ResetPassword => "reset_password",
+            TokenPurpose::ChangeEmail => "change_email",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NewOneTimeToken {
+    /// SHA-256 of the token; the token itself is only ever in the mail.
+    pub hash: Vec<u8>,
+    pub user_id: Uuid,
+    pub purpose: TokenPurpose,
+    pub created_at: OffsetDateTime,
+    pub expires_at: OffsetDateTime,
+    /// For `ChangeEmail`: the address to switch to once confirmed.
+    pub new_email: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpentToken {
+    pub user_id: Uuid,
+    pub new_email: Option<String>,
+}
+
+/// A mail queued in the outbox, in the same transaction as the change it reports.
+#[derive(Debug, Clone)]
+pub struct NewMail {
+    pub id: Uuid,
+    /// The account it concerns, if any: its queued mail goes when the account is deleted.
+    pub user_id: Option<Uuid>,
+    pub to: String,
+    pub subject: String,
+    pub text: String,
+    pub html: String,
+    pub created_at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxMail {
+    pub id: Uuid,
+    pub to: String,
+    pub subject: String,
+    pub text: String,
+    pub html: String,
+    pub attempts: u32,
+    pub created_at: OffsetDateTime,
+    pub last_error: Option<String>,
+}
+
+/// Profile fields to change; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProfileChanges {
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub phone: Option<String>,
+    pub bio: Option<String>,
 }
 
 pub type DynStore = Arc<dyn Store>;
@@ -190,6 +389,8 @@ pub struct UserRecord {
     pub password_hash: String,
     pub first_name: String,
     pub last_name: String,
+    pub phone: String,
+    pub bio: String,
     pub roles: Vec<String>,
     pub email_verified_at: Option<OffsetDateTime>,
     pub created_at: OffsetDateTime,
@@ -271,6 +472,9 @@ pub enum RevokeReason {
     Logout,
     RevokedByUser,
     RefreshTokenReuse,
+    PasswordReset,
+    PasswordChanged,
+    AccountDeleted,
 }
 
 impl RevokeReason {
@@ -279,6 +483,9 @@ impl RevokeReason {
             RevokeReason::Logout => "logout",
             RevokeReason::RevokedByUser => "revoked_by_user",
             RevokeReason::RefreshTokenReuse => "refresh_token_reuse",
+            RevokeReason::PasswordReset => "password_reset",
+            RevokeReason::PasswordChanged => "password_changed",
+            RevokeReason::AccountDeleted => "account_deleted",
         }
     }
 }

@@ -5,20 +5,22 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::{Postgres, Row, SqlStr};
-use time::OffsetDateTime;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Connection, Postgres, Row, SqlStr, Transaction};
+use time::{OffsetDateTime, PrimitiveDateTime};
 use uuid::Uuid;
 
 use super::{
-    DeviceInfo, NewSession, NewUser, RefreshRotation, RevokeReason, RotateOutcome, SessionRecord, Store,
-    StoreError, UserRecord,
+    DeviceInfo, NewMail, NewOneTimeToken, NewSession, NewUser, OutboxMail, ProfileChanges, RefreshRotation,
+    RevokeReason, RotateOutcome, SessionRecord, SpentToken, Store, StoreError, StoreTx, TokenPurpose,
+    UserRecord,
 };
 
 /// The columns [`user_from_row`] reads, as a literal so queries can `concat!` it.
 macro_rules! user_columns {
     () => {
-        "id, username, email, password_hash, first_name, last_name, roles, email_verified_at, created_at"
+        "id, username, email, password_hash, first_name, last_name, phone, bio, roles, email_verified_at, \
+         created_at"
     };
 }
 
@@ -69,13 +71,22 @@ impl PostgresStore {
     /// Migrations are embedded so `migrate` works from any working directory (and without
     /// sqlx's `migrate!` macro).
     fn migrator() -> Migrator {
-        Migrator::with_migrations(vec![Migration::new(
-            1,
-            "users and sessions".into(),
-            MigrationType::Simple,
-            SqlStr::from_static(include_str!("../../migrations/postgres/0001_users_and_sessions.sql")),
-            false,
-        )])
+        Migrator::with_migrations(vec![
+            Migration::new(
+                1,
+                "users and sessions".into(),
+                MigrationType::Simple,
+                SqlStr::from_static(include_str!("../../migrations/postgres/0001_users_and_sessions.sql")),
+                false,
+            ),
+            Migration::new(
+                2,
+                "mail tokens profile".into(),
+                MigrationType::Simple,
+                SqlStr::from_static(include_str!("../../migrations/postgres/0002_mail_tokens_profile.sql")),
+                false,
+            ),
+        ])
     }
 }
 
@@ -104,40 +115,11 @@ impl Store for PostgresStore {
     }
 
     async fn create_user(&self, user: &NewUser) -> Result<UserRecord, StoreError> {
-        let row = sqlx::query(concat!(
-            "INSERT INTO users (id, username, username_key, email, email_key, password_hash, \
-             first_name, last_name, roles, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) RETURNING ",
-            user_columns!()
-        ))
-        .bind(user.id)
-        .bind(&user.username)
-        .bind(&user.username_key)
-        .bind(&user.email)
-        .bind(&user.email_key)
-        .bind(&user.password_hash)
-        .bind(&user.first_name)
-        .bind(&user.last_name)
-        .bind(&user.roles)
-        .bind(user.created_at)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(conflict_or_error)?;
-        user_from_row(&row)
+        create_user(&mut *self.pool.acquire().await?, user).await
     }
 
     async fn find_user_by_login(&self, login_key: &str) -> Result<Option<UserRecord>, StoreError> {
-        // A username match wins should one user's username equal another's email.
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            user_columns!(),
-            " FROM users WHERE username_key = $1 OR email_key = $1 \
-             ORDER BY username_key = $1 DESC LIMIT 1"
-        ))
-        .bind(login_key)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(user_from_row).transpose()
+        find_user_by_login(&mut *self.pool.acquire().await?, login_key).await
     }
 
     async fn find_user(&self, user_id: Uuid) -> Result<Option<UserRecord>, StoreError> {
@@ -277,17 +259,7 @@ impl Store for PostgresStore {
         reason: RevokeReason,
         now: OffsetDateTime,
     ) -> Result<Vec<Uuid>, StoreError> {
-        let ids: Vec<Uuid> = sqlx::query_scalar(
-            "UPDATE sessions SET revoked_at = $3, revoke_reason = $4 \
-             WHERE user_id = $1 AND revoked_at IS NULL AND id IS DISTINCT FROM $2 RETURNING id",
-        )
-        .bind(user_id)
-        .bind(keep)
-        .bind(now)
-        .bind(reason.as_str())
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(ids)
+        revoke_user_sessions(&mut *self.pool.acquire().await?, user_id, keep, reason, now).await
     }
 
     async fn list_active_sessions(
@@ -357,13 +329,424 @@ impl Store for PostgresStore {
     }
 
     async fn revoked_since(&self, since: OffsetDateTime) -> Result<Vec<(Uuid, OffsetDateTime)>, StoreError> {
-        let rows =
-            sqlx::query("SELECT id, revoked_at FROM sessions WHERE revoked_at >= $1 ORDER BY revoked_at, id")
-                .bind(since)
-                .fetch_all(&self.pool)
-                .await?;
+        // Deleted accounts' sessions live on as tombstones.
+        let rows = sqlx::query(
+            "SELECT id, revoked_at FROM sessions WHERE revoked_at >= $1 \
+             UNION ALL \
+             SELECT session_id AS id, revoked_at FROM revocation_tombstones WHERE revoked_at >= $1 \
+             ORDER BY revoked_at, id",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(|row| Ok((get(row, "id")?, get(row, "revoked_at")?))).collect()
     }
+
+    async fn begin(&self) -> Result<Box<dyn StoreTx>, StoreError> {
+        Ok(Box::new(PostgresTx { tx: self.pool.begin().await? }))
+    }
+
+    async fn peek_token(
+        &self,
+        hash: &[u8],
+        purpose: TokenPurpose,
+        now: OffsetDateTime,
+    ) -> Result<Option<Uuid>, StoreError> {
+        let user_id: Option<Uuid> = sqlx::query_scalar(
+            "SELECT user_id FROM one_time_tokens \
+             WHERE hash = $1 AND purpose = $2 AND used_at IS NULL AND expires_at > $3",
+        )
+        .bind(hash)
+        .bind(purpose.as_str())
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(user_id)
+    }
+
+    async fn claim_due_mail(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+        lease: Duration,
+    ) -> Result<Vec<OutboxMail>, StoreError> {
+        // The CTE runs once and locks the rows it picks; SKIP LOCKED passes over rows another
+        // claimer holds instead of waiting for them. A row another claimer took and committed
+        // meanwhile is re-checked against its new next_attempt_at (now in the future) and
+        // dropped, so no two claimers get the same mail.
+        let rows = sqlx::query(
+            "WITH due AS (SELECT id FROM outbox \
+                          WHERE sent_at IS NULL AND gave_up_at IS NULL AND next_attempt_at <= $1 \
+                          ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
+             UPDATE outbox AS o SET next_attempt_at = $3 FROM due WHERE o.id = due.id \
+             RETURNING o.id, o.recipient, o.subject, o.body_text, o.body_html, o.attempts, o.created_at, o.last_error",
+        )
+        .bind(now)
+        .bind(i64::from(limit))
+        .bind(lease_end(now, lease))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut mails = rows.iter().map(mail_from_row).collect::<Result<Vec<_>, _>>()?;
+        mails.sort_by_key(|mail| (mail.created_at, mail.id));
+        Ok(mails)
+    }
+
+    async fn mail_sent(&self, id: Uuid, now: OffsetDateTime) -> Result<(), StoreError> {
+        sqlx::query("UPDATE outbox SET sent_at = $2 WHERE id = $1")
+            .bind(id)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn mail_failed(
+        &self,
+        id: Uuid,
+        error: &str,
+        next_attempt_at: Option<OffsetDateTime>,
+    ) -> Result<(), StoreError> {
+        let query = match next_attempt_at {
+            Some(at) => sqlx::query(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = $2, next_attempt_at = $3 \
+                 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(error)
+            .bind(at),
+            None => sqlx::query(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = $2, gave_up_at = $3 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(error)
+            .bind(OffsetDateTime::now_utc()),
+        };
+        query.execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+/// A [`StoreTx`]: one PostgreSQL transaction (READ COMMITTED), rolled back when dropped
+/// uncommitted.
+struct PostgresTx {
+    tx: Transaction<'static, Postgres>,
+}
+
+#[async_trait]
+impl StoreTx for PostgresTx {
+    async fn create_user(&mut self, user: &NewUser) -> Result<UserRecord, StoreError> {
+        // In a savepoint: a unique violation would otherwise abort the whole transaction
+        // (SQLite only undoes the failed statement), and a Conflict must leave it usable.
+        let mut savepoint = self.tx.begin().await?;
+        let result = create_user(&mut savepoint, user).await;
+        end_savepoint(savepoint, result).await
+    }
+
+    async fn lock_user(&mut self, user_id: Uuid) -> Result<Option<UserRecord>, StoreError> {
+        let row = sqlx::query(concat!("SELECT ", user_columns!(), " FROM users WHERE id = $1 FOR UPDATE"))
+            .bind(user_id)
+            .fetch_optional(&mut *self.tx)
+            .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    async fn find_user_by_login(&mut self, login_key: &str) -> Result<Option<UserRecord>, StoreError> {
+        find_user_by_login(&mut self.tx, login_key).await
+    }
+
+    async fn issue_token(&mut self, token: &NewOneTimeToken) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE one_time_tokens SET used_at = $3 \
+             WHERE user_id = $1 AND purpose = $2 AND used_at IS NULL",
+        )
+        .bind(token.user_id)
+        .bind(token.purpose.as_str())
+        .bind(token.created_at)
+        .execute(&mut *self.tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO one_time_tokens (hash, user_id, purpose, new_email, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&token.hash)
+        .bind(token.user_id)
+        .bind(token.purpose.as_str())
+        .bind(&token.new_email)
+        .bind(token.created_at)
+        .bind(token.expires_at)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn consume_token(
+        &mut self,
+        hash: &[u8],
+        purpose: TokenPurpose,
+        now: OffsetDateTime,
+    ) -> Result<Option<SpentToken>, StoreError> {
+        // One conditional UPDATE: concurrent consumers queue on the row lock and re-check the
+        // WHERE clause against the committed row, so only the first still finds it unused.
+        let row = sqlx::query(
+            "UPDATE one_time_tokens SET used_at = $3 \
+             WHERE hash = $1 AND purpose = $2 AND used_at IS NULL AND expires_at > $3 \
+             RETURNING user_id, new_email",
+        )
+        .bind(hash)
+        .bind(purpose.as_str())
+        .bind(now)
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        row.map(|row| Ok(SpentToken { user_id: get(&row, "user_id")?, new_email: get(&row, "new_email")? }))
+            .transpose()
+    }
+
+    async fn invalidate_tokens(
+        &mut self,
+        user_id: Uuid,
+        purpose: TokenPurpose,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE one_time_tokens SET used_at = $3 \
+             WHERE user_id = $1 AND purpose = $2 AND used_at IS NULL",
+        )
+        .bind(user_id)
+        .bind(purpose.as_str())
+        .bind(now)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn enqueue_mail(&mut self, mail: &NewMail) -> Result<(), StoreError> {
+        // Due at once.
+        sqlx::query(
+            "INSERT INTO outbox (id, user_id, recipient, subject, body_text, body_html, created_at, \
+             next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
+        )
+        .bind(mail.id)
+        .bind(mail.user_id)
+        .bind(&mail.to)
+        .bind(&mail.subject)
+        .bind(&mail.text)
+        .bind(&mail.html)
+        .bind(mail.created_at)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn set_password_hash(
+        &mut self,
+        user_id: Uuid,
+        password_hash: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE users SET password_hash = $2, updated_at = $3 WHERE id = $1")
+            .bind(user_id)
+            .bind(password_hash)
+            .bind(now)
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn mark_email_verified(&mut self, user_id: Uuid, now: OffsetDateTime) -> Result<bool, StoreError> {
+        let marked = sqlx::query(
+            "UPDATE users SET email_verified_at = $2, updated_at = $2 \
+             WHERE id = $1 AND email_verified_at IS NULL",
+        )
+        .bind(user_id)
+        .bind(now)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(marked.rows_affected() > 0)
+    }
+
+    async fn set_email(
+        &mut self,
+        user_id: Uuid,
+        email: &str,
+        email_key: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        // In a savepoint, as in `create_user`.
+        let mut savepoint = self.tx.begin().await?;
+        let result = sqlx::query(
+            "UPDATE users SET email = $2, email_key = $3, email_verified_at = $4, updated_at = $4 \
+             WHERE id = $1",
+        )
+        .bind(user_id)
+        .bind(email)
+        .bind(email_key)
+        .bind(now)
+        .execute(&mut *savepoint)
+        .await
+        .map(drop)
+        .map_err(conflict_or_error);
+        end_savepoint(savepoint, result).await
+    }
+
+    async fn update_profile(
+        &mut self,
+        user_id: Uuid,
+        changes: &ProfileChanges,
+        now: OffsetDateTime,
+    ) -> Result<UserRecord, StoreError> {
+        let row = sqlx::query(concat!(
+            "UPDATE users SET first_name = COALESCE($2, first_name), last_name = COALESCE($3, last_name), \
+             phone = COALESCE($4, phone), bio = COALESCE($5, bio), updated_at = $6 \
+             WHERE id = $1 RETURNING ",
+            user_columns!()
+        ))
+        .bind(user_id)
+        .bind(&changes.first_name)
+        .bind(&changes.last_name)
+        .bind(&changes.phone)
+        .bind(&changes.bio)
+        .bind(now)
+        .fetch_one(&mut *self.tx)
+        .await?;
+        user_from_row(&row)
+    }
+
+    async fn revoke_user_sessions(
+        &mut self,
+        user_id: Uuid,
+        keep: Option<Uuid>,
+        reason: RevokeReason,
+        now: OffsetDateTime,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        revoke_user_sessions(&mut self.tx, user_id, keep, reason, now).await
+    }
+
+    async fn delete_user(&mut self, user_id: Uuid, now: OffsetDateTime) -> Result<Vec<Uuid>, StoreError> {
+        // Lock the user first: a login creating a session meanwhile (its INSERT takes a key
+        // share lock on the user row) then either committed before, and the statements below
+        // (each with a fresh snapshot) see its session, or waits and fails on the deleted key.
+        sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE")
+            .bind(user_id)
+            .execute(&mut *self.tx)
+            .await?;
+        // Sessions revoked but not yet expired keep their revocation instant: their access
+        // tokens may be alive too, and must still be re-published.
+        sqlx::query(
+            "INSERT INTO revocation_tombstones (session_id, revoked_at) \
+             SELECT id, revoked_at FROM sessions \
+             WHERE user_id = $1 AND revoked_at IS NOT NULL AND expires_at > $2 \
+             ON CONFLICT (session_id) DO NOTHING",
+        )
+        .bind(user_id)
+        .bind(now)
+        .execute(&mut *self.tx)
+        .await?;
+        let live: Vec<Uuid> = sqlx::query_scalar(
+            "INSERT INTO revocation_tombstones (session_id, revoked_at) \
+             SELECT id, $2 FROM sessions WHERE user_id = $1 AND revoked_at IS NULL AND expires_at > $2 \
+             ON CONFLICT (session_id) DO NOTHING RETURNING session_id",
+        )
+        .bind(user_id)
+        .bind(now)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        // Sessions, tokens and queued mail go with the user (ON DELETE CASCADE).
+        sqlx::query("DELETE FROM users WHERE id = $1").bind(user_id).execute(&mut *self.tx).await?;
+        Ok(live)
+    }
+
+    async fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// Releases `savepoint` if `result` is a success, else rolls back to it, leaving the
+/// enclosing transaction usable.
+async fn end_savepoint<T>(
+    savepoint: Transaction<'_, Postgres>,
+    result: Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    match result {
+        Ok(value) => {
+            savepoint.commit().await?;
+            Ok(value)
+        }
+        Err(error) => {
+            savepoint.rollback().await?;
+            Err(error)
+        }
+    }
+}
+
+// Statements shared by `PostgresStore` (on a pooled connection) and `PostgresTx`.
+
+async fn create_user(conn: &mut PgConnection, user: &NewUser) -> Result<UserRecord, StoreError> {
+    let row = sqlx::query(concat!(
+        "INSERT INTO users (id, username, username_key, email, email_key, password_hash, \
+         first_name, last_name, roles, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) RETURNING ",
+        user_columns!()
+    ))
+    .bind(user.id)
+    .bind(&user.username)
+    .bind(&user.username_key)
+    .bind(&user.email)
+    .bind(&user.email_key)
+    .bind(&user.password_hash)
+    .bind(&user.first_name)
+    .bind(&user.last_name)
+    .bind(&user.roles)
+    .bind(user.created_at)
+    .fetch_one(conn)
+    .await
+    .map_err(conflict_or_error)?;
+    user_from_row(&row)
+}
+
+async fn find_user_by_login(
+    conn: &mut PgConnection,
+    login_key: &str,
+) -> Result<Option<UserRecord>, StoreError> {
+    // A username match wins should one user's username equal another's email.
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        user_columns!(),
+        " FROM users WHERE username_key = $1 OR email_key = $1 \
+         ORDER BY username_key = $1 DESC LIMIT 1"
+    ))
+    .bind(login_key)
+    .fetch_optional(conn)
+    .await?;
+    row.as_ref().map(user_from_row).transpose()
+}
+
+async fn revoke_user_sessions(
+    conn: &mut PgConnection,
+    user_id: Uuid,
+    keep: Option<Uuid>,
+    reason: RevokeReason,
+    now: OffsetDateTime,
+) -> Result<Vec<Uuid>, StoreError> {
+    let ids: Vec<Uuid> = sqlx::query_scalar(
+        "UPDATE sessions SET revoked_at = $3, revoke_reason = $4 \
+         WHERE user_id = $1 AND revoked_at IS NULL AND id IS DISTINCT FROM $2 RETURNING id",
+    )
+    .bind(user_id)
+    .bind(keep)
+    .bind(now)
+    .bind(reason.as_str())
+    .fetch_all(conn)
+    .await?;
+    Ok(ids)
+}
+
+/// The end of a claim's lease (saturating: an absurd lease claims "forever").
+fn lease_end(now: OffsetDateTime, lease: Duration) -> OffsetDateTime {
+    time::Duration::try_from(lease)
+        .ok()
+        .and_then(|lease| now.checked_add(lease))
+        .unwrap_or(PrimitiveDateTime::MAX.assume_utc())
 }
 
 /// `timeout` in whole milliseconds for PostgreSQL's `statement_timeout`: rounded up, so a
@@ -405,6 +788,8 @@ fn user_from_row(row: &PgRow) -> Result<UserRecord, StoreError> {
         password_hash: get(row, "password_hash")?,
         first_name: get(row, "first_name")?,
         last_name: get(row, "last_name")?,
+        phone: get(row, "phone")?,
+        bio: get(row, "bio")?,
         roles: get(row, "roles")?,
         email_verified_at: get(row, "email_verified_at")?,
         created_at: get(row, "created_at")?,
@@ -428,5 +813,20 @@ fn session_from_row(row: &PgRow) -> Result<SessionRecord, StoreError> {
         refreshed_at: get(row, "refreshed_at")?,
         expires_at: get(row, "expires_at")?,
         revoked_at: get(row, "revoked_at")?,
+    })
+}
+
+fn mail_from_row(row: &PgRow) -> Result<OutboxMail, StoreError> {
+    let attempts: i32 = get(row, "attempts")?;
+    Ok(OutboxMail {
+        id: get(row, "id")?,
+        to: get(row, "recipient")?,
+        subject: get(row, "subject")?,
+        text: get(row, "body_text")?,
+        html: get(row, "body_html")?,
+        attempts: u32::try_from(attempts)
+            .map_err(|error| StoreError::Corrupt(format!("column attempts: {error}")))?,
+        created_at: get(row, "created_at")?,
+        last_error: get(row, "last_error")?,
     })
 }

@@ -14,21 +14,31 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
 };
-use sqlx::{Row, SqlStr, Sqlite};
-use time::OffsetDateTime;
+use sqlx::{Row, SqlStr, Sqlite, Transaction};
+use time::{OffsetDateTime, PrimitiveDateTime};
 use uuid::Uuid;
 
 use super::{
-    DeviceInfo, NewSession, NewUser, RefreshRotation, RevokeReason, RotateOutcome, SessionRecord, Store,
-    StoreError, UserRecord,
+    DeviceInfo, NewMail, NewOneTimeToken, NewSession, NewUser, OutboxMail, ProfileChanges, RefreshRotation,
+    RevokeReason, RotateOutcome, SessionRecord, SpentToken, Store, StoreError, StoreTx, TokenPurpose,
+    UserRecord,
 };
 
 /// The columns [`user_from_row`] reads, as a literal so queries can `concat!` it.
 macro_rules! user_columns {
     () => {
-        "id, username, email, password_hash, first_name, last_name, roles, email_verified_at, created_at"
+        "id, username, email, password_hash, first_name, last_name, phone, bio, roles, email_verified_at, \
+         created_at"
+    };
+}
+
+/// The columns [`mail_from_row`] reads.
+macro_rules! mail_columns {
+    () => {
+        "id, recipient, subject, body_text, body_html, attempts, created_at, last_error"
     };
 }
 
@@ -105,13 +115,22 @@ impl SqliteStore {
     /// Migrations are embedded so `migrate` works from any working directory (and without
     /// sqlx's `migrate!` macro).
     fn migrator() -> Migrator {
-        Migrator::with_migrations(vec![Migration::new(
-            1,
-            "users and sessions".into(),
-            MigrationType::Simple,
-            SqlStr::from_static(include_str!("../../migrations/sqlite/0001_users_and_sessions.sql")),
-            false,
-        )])
+        Migrator::with_migrations(vec![
+            Migration::new(
+                1,
+                "users and sessions".into(),
+                MigrationType::Simple,
+                SqlStr::from_static(include_str!("../../migrations/sqlite/0001_users_and_sessions.sql")),
+                false,
+            ),
+            Migration::new(
+                2,
+                "mail tokens profile".into(),
+                MigrationType::Simple,
+                SqlStr::from_static(include_str!("../../migrations/sqlite/0002_mail_tokens_profile.sql")),
+                false,
+            ),
+        ])
     }
 }
 
@@ -127,45 +146,11 @@ impl Store for SqliteStore {
     }
 
     async fn create_user(&self, user: &NewUser) -> Result<UserRecord, StoreError> {
-        let roles = serde_json::to_string(&user.roles)
-            .map_err(|error| StoreError::Corrupt(format!("roles do not encode: {error}")))?;
-        // RETURNING rows are read with fetch_all: the statement must run to completion for
-        // its autocommit transaction to end.
-        let rows = sqlx::query(concat!(
-            "INSERT INTO users (id, username, username_key, email, email_key, password_hash, \
-             first_name, last_name, roles, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) RETURNING ",
-            user_columns!()
-        ))
-        .bind(user.id)
-        .bind(&user.username)
-        .bind(&user.username_key)
-        .bind(&user.email)
-        .bind(&user.email_key)
-        .bind(&user.password_hash)
-        .bind(&user.first_name)
-        .bind(&user.last_name)
-        .bind(roles)
-        .bind(micros(user.created_at))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(conflict_or_error)?;
-        let row = rows.first().ok_or_else(|| StoreError::Corrupt("INSERT returned no row".into()))?;
-        user_from_row(row)
+        create_user(&mut *self.pool.acquire().await?, user).await
     }
 
     async fn find_user_by_login(&self, login_key: &str) -> Result<Option<UserRecord>, StoreError> {
-        // A username match wins should one user's username equal another's email.
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            user_columns!(),
-            " FROM users WHERE username_key = $1 OR email_key = $1 \
-             ORDER BY username_key = $1 DESC LIMIT 1"
-        ))
-        .bind(login_key)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(user_from_row).transpose()
+        find_user_by_login(&mut *self.pool.acquire().await?, login_key).await
     }
 
     async fn find_user(&self, user_id: Uuid) -> Result<Option<UserRecord>, StoreError> {
@@ -307,18 +292,7 @@ impl Store for SqliteStore {
         reason: RevokeReason,
         now: OffsetDateTime,
     ) -> Result<Vec<Uuid>, StoreError> {
-        // `IS NOT` is SQLite's null-safe inequality: with no `keep`, every session qualifies.
-        let ids: Vec<Uuid> = sqlx::query_scalar(
-            "UPDATE sessions SET revoked_at = $3, revoke_reason = $4 \
-             WHERE user_id = $1 AND revoked_at IS NULL AND id IS NOT $2 RETURNING id",
-        )
-        .bind(user_id)
-        .bind(keep)
-        .bind(micros(now))
-        .bind(reason.as_str())
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(ids)
+        revoke_user_sessions(&mut *self.pool.acquire().await?, user_id, keep, reason, now).await
     }
 
     async fn list_active_sessions(
@@ -373,13 +347,403 @@ impl Store for SqliteStore {
     }
 
     async fn revoked_since(&self, since: OffsetDateTime) -> Result<Vec<(Uuid, OffsetDateTime)>, StoreError> {
-        let rows =
-            sqlx::query("SELECT id, revoked_at FROM sessions WHERE revoked_at >= $1 ORDER BY revoked_at, id")
-                .bind(micros(since))
-                .fetch_all(&self.pool)
-                .await?;
+        // Deleted accounts' sessions live on as tombstones.
+        let rows = sqlx::query(
+            "SELECT id, revoked_at FROM sessions WHERE revoked_at >= $1 \
+             UNION ALL \
+             SELECT session_id AS id, revoked_at FROM revocation_tombstones WHERE revoked_at >= $1 \
+             ORDER BY revoked_at, id",
+        )
+        .bind(micros(since))
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(|row| Ok((get(row, "id")?, instant(row, "revoked_at")?))).collect()
     }
+
+    async fn begin(&self) -> Result<Box<dyn StoreTx>, StoreError> {
+        // Takes the write lock up front (see the module comment).
+        Ok(Box::new(SqliteTx { tx: self.pool.begin_with("BEGIN IMMEDIATE").await? }))
+    }
+
+    async fn peek_token(
+        &self,
+        hash: &[u8],
+        purpose: TokenPurpose,
+        now: OffsetDateTime,
+    ) -> Result<Option<Uuid>, StoreError> {
+        let user_id: Option<Uuid> = sqlx::query_scalar(
+            "SELECT user_id FROM one_time_tokens \
+             WHERE hash = $1 AND purpose = $2 AND used_at IS NULL AND expires_at > $3",
+        )
+        .bind(hash)
+        .bind(purpose.as_str())
+        .bind(micros(now))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(user_id)
+    }
+
+    async fn claim_due_mail(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+        lease: Duration,
+    ) -> Result<Vec<OutboxMail>, StoreError> {
+        // One statement in autocommit: it takes the write lock before reading, so concurrent
+        // claimers run one after another and the second no longer finds the first's rows due.
+        // The WHERE clause repeats the partial index's verbatim.
+        let rows = sqlx::query(concat!(
+            "UPDATE outbox SET next_attempt_at = $3 \
+             WHERE id IN (SELECT id FROM outbox \
+                          WHERE sent_at IS NULL AND gave_up_at IS NULL AND next_attempt_at <= $1 \
+                          ORDER BY next_attempt_at LIMIT $2) \
+             RETURNING ",
+            mail_columns!()
+        ))
+        .bind(micros(now))
+        .bind(i64::from(limit))
+        .bind(micros(lease_end(now, lease)))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut mails = rows.iter().map(mail_from_row).collect::<Result<Vec<_>, _>>()?;
+        mails.sort_by_key(|mail| (mail.created_at, mail.id));
+        Ok(mails)
+    }
+
+    async fn mail_sent(&self, id: Uuid, now: OffsetDateTime) -> Result<(), StoreError> {
+        sqlx::query("UPDATE outbox SET sent_at = $2 WHERE id = $1")
+            .bind(id)
+            .bind(micros(now))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn mail_failed(
+        &self,
+        id: Uuid,
+        error: &str,
+        next_attempt_at: Option<OffsetDateTime>,
+    ) -> Result<(), StoreError> {
+        let query = match next_attempt_at {
+            Some(at) => sqlx::query(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = $2, next_attempt_at = $3 \
+                 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(error)
+            .bind(micros(at)),
+            None => sqlx::query(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = $2, gave_up_at = $3 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(error)
+            .bind(micros(OffsetDateTime::now_utc())),
+        };
+        query.execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+/// A [`StoreTx`]: one `BEGIN IMMEDIATE` transaction, holding the database's write lock
+/// until it commits or is dropped (rolled back). Its statements are serialized against
+/// every other writer, so none needs row locks or re-checks.
+struct SqliteTx {
+    tx: Transaction<'static, Sqlite>,
+}
+
+#[async_trait]
+impl StoreTx for SqliteTx {
+    async fn create_user(&mut self, user: &NewUser) -> Result<UserRecord, StoreError> {
+        // A failed statement only undoes itself: a Conflict leaves the transaction usable.
+        create_user(&mut self.tx, user).await
+    }
+
+    async fn lock_user(&mut self, user_id: Uuid) -> Result<Option<UserRecord>, StoreError> {
+        // The transaction already holds the write lock.
+        let row = sqlx::query(concat!("SELECT ", user_columns!(), " FROM users WHERE id = $1"))
+            .bind(user_id)
+            .fetch_optional(&mut *self.tx)
+            .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    async fn find_user_by_login(&mut self, login_key: &str) -> Result<Option<UserRecord>, StoreError> {
+        find_user_by_login(&mut self.tx, login_key).await
+    }
+
+    async fn issue_token(&mut self, token: &NewOneTimeToken) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE one_time_tokens SET used_at = $3 \
+             WHERE user_id = $1 AND purpose = $2 AND used_at IS NULL",
+        )
+        .bind(token.user_id)
+        .bind(token.purpose.as_str())
+        .bind(micros(token.created_at))
+        .execute(&mut *self.tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO one_time_tokens (hash, user_id, purpose, new_email, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&token.hash)
+        .bind(token.user_id)
+        .bind(token.purpose.as_str())
+        .bind(&token.new_email)
+        .bind(micros(token.created_at))
+        .bind(micros(token.expires_at))
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn consume_token(
+        &mut self,
+        hash: &[u8],
+        purpose: TokenPurpose,
+        now: OffsetDateTime,
+    ) -> Result<Option<SpentToken>, StoreError> {
+        let rows = sqlx::query(
+            "UPDATE one_time_tokens SET used_at = $3 \
+             WHERE hash = $1 AND purpose = $2 AND used_at IS NULL AND expires_at > $3 \
+             RETURNING user_id, new_email",
+        )
+        .bind(hash)
+        .bind(purpose.as_str())
+        .bind(micros(now))
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows.first()
+            .map(|row| Ok(SpentToken { user_id: get(row, "user_id")?, new_email: get(row, "new_email")? }))
+            .transpose()
+    }
+
+    async fn invalidate_tokens(
+        &mut self,
+        user_id: Uuid,
+        purpose: TokenPurpose,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE one_time_tokens SET used_at = $3 \
+             WHERE user_id = $1 AND purpose = $2 AND used_at IS NULL",
+        )
+        .bind(user_id)
+        .bind(purpose.as_str())
+        .bind(micros(now))
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn enqueue_mail(&mut self, mail: &NewMail) -> Result<(), StoreError> {
+        // Due at once.
+        sqlx::query(
+            "INSERT INTO outbox (id, user_id, recipient, subject, body_text, body_html, created_at, \
+             next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
+        )
+        .bind(mail.id)
+        .bind(mail.user_id)
+        .bind(&mail.to)
+        .bind(&mail.subject)
+        .bind(&mail.text)
+        .bind(&mail.html)
+        .bind(micros(mail.created_at))
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn set_password_hash(
+        &mut self,
+        user_id: Uuid,
+        password_hash: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE users SET password_hash = $2, updated_at = $3 WHERE id = $1")
+            .bind(user_id)
+            .bind(password_hash)
+            .bind(micros(now))
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn mark_email_verified(&mut self, user_id: Uuid, now: OffsetDateTime) -> Result<bool, StoreError> {
+        let marked = sqlx::query(
+            "UPDATE users SET email_verified_at = $2, updated_at = $2 \
+             WHERE id = $1 AND email_verified_at IS NULL",
+        )
+        .bind(user_id)
+        .bind(micros(now))
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(marked.rows_affected() > 0)
+    }
+
+    async fn set_email(
+        &mut self,
+        user_id: Uuid,
+        email: &str,
+        email_key: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE users SET email = $2, email_key = $3, email_verified_at = $4, updated_at = $4 \
+             WHERE id = $1",
+        )
+        .bind(user_id)
+        .bind(email)
+        .bind(email_key)
+        .bind(micros(now))
+        .execute(&mut *self.tx)
+        .await
+        .map_err(conflict_or_error)?;
+        Ok(())
+    }
+
+    async fn update_profile(
+        &mut self,
+        user_id: Uuid,
+        changes: &ProfileChanges,
+        now: OffsetDateTime,
+    ) -> Result<UserRecord, StoreError> {
+        let rows = sqlx::query(concat!(
+            "UPDATE users SET first_name = COALESCE($2, first_name), last_name = COALESCE($3, last_name), \
+             phone = COALESCE($4, phone), bio = COALESCE($5, bio), updated_at = $6 \
+             WHERE id = $1 RETURNING ",
+            user_columns!()
+        ))
+        .bind(user_id)
+        .bind(&changes.first_name)
+        .bind(&changes.last_name)
+        .bind(&changes.phone)
+        .bind(&changes.bio)
+        .bind(micros(now))
+        .fetch_all(&mut *self.tx)
+        .await?;
+        // An unknown user: the same error as PostgreSQL's `fetch_one`.
+        let row = rows.first().ok_or(StoreError::Database(sqlx::Error::RowNotFound))?;
+        user_from_row(row)
+    }
+
+    async fn revoke_user_sessions(
+        &mut self,
+        user_id: Uuid,
+        keep: Option<Uuid>,
+        reason: RevokeReason,
+        now: OffsetDateTime,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        revoke_user_sessions(&mut self.tx, user_id, keep, reason, now).await
+    }
+
+    async fn delete_user(&mut self, user_id: Uuid, now: OffsetDateTime) -> Result<Vec<Uuid>, StoreError> {
+        // Sessions revoked but not yet expired keep their revocation instant: their access
+        // tokens may be alive too, and must still be re-published.
+        sqlx::query(
+            "INSERT INTO revocation_tombstones (session_id, revoked_at) \
+             SELECT id, revoked_at FROM sessions \
+             WHERE user_id = $1 AND revoked_at IS NOT NULL AND expires_at > $2 \
+             ON CONFLICT (session_id) DO NOTHING",
+        )
+        .bind(user_id)
+        .bind(micros(now))
+        .execute(&mut *self.tx)
+        .await?;
+        let live: Vec<Uuid> = sqlx::query_scalar(
+            "INSERT INTO revocation_tombstones (session_id, revoked_at) \
+             SELECT id, $2 FROM sessions WHERE user_id = $1 AND revoked_at IS NULL AND expires_at > $2 \
+             ON CONFLICT (session_id) DO NOTHING RETURNING session_id",
+        )
+        .bind(user_id)
+        .bind(micros(now))
+        .fetch_all(&mut *self.tx)
+        .await?;
+        // Sessions, tokens and queued mail go with the user (ON DELETE CASCADE).
+        sqlx::query("DELETE FROM users WHERE id = $1").bind(user_id).execute(&mut *self.tx).await?;
+        Ok(live)
+    }
+
+    async fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+// Statements shared by `SqliteStore` (on a pooled connection) and `SqliteTx`.
+
+async fn create_user(conn: &mut SqliteConnection, user: &NewUser) -> Result<UserRecord, StoreError> {
+    let roles = serde_json::to_string(&user.roles)
+        .map_err(|error| StoreError::Corrupt(format!("roles do not encode: {error}")))?;
+    // RETURNING rows are read with fetch_all: the statement must run to completion for
+    // its autocommit transaction to end.
+    let rows = sqlx::query(concat!(
+        "INSERT INTO users (id, username, username_key, email, email_key, password_hash, \
+         first_name, last_name, roles, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) RETURNING ",
+        user_columns!()
+    ))
+    .bind(user.id)
+    .bind(&user.username)
+    .bind(&user.username_key)
+    .bind(&user.email)
+    .bind(&user.email_key)
+    .bind(&user.password_hash)
+    .bind(&user.first_name)
+    .bind(&user.last_name)
+    .bind(roles)
+    .bind(micros(user.created_at))
+    .fetch_all(conn)
+    .await
+    .map_err(conflict_or_error)?;
+    let row = rows.first().ok_or_else(|| StoreError::Corrupt("INSERT returned no row".into()))?;
+    user_from_row(row)
+}
+
+async fn find_user_by_login(
+    conn: &mut SqliteConnection,
+    login_key: &str,
+) -> Result<Option<UserRecord>, StoreError> {
+    // A username match wins should one user's username equal another's email.
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        user_columns!(),
+        " FROM users WHERE username_key = $1 OR email_key = $1 \
+         ORDER BY username_key = $1 DESC LIMIT 1"
+    ))
+    .bind(login_key)
+    .fetch_optional(conn)
+    .await?;
+    row.as_ref().map(user_from_row).transpose()
+}
+
+async fn revoke_user_sessions(
+    conn: &mut SqliteConnection,
+    user_id: Uuid,
+    keep: Option<Uuid>,
+    reason: RevokeReason,
+    now: OffsetDateTime,
+) -> Result<Vec<Uuid>, StoreError> {
+    // `IS NOT` is SQLite's null-safe inequality: with no `keep`, every session qualifies.
+    let ids: Vec<Uuid> = sqlx::query_scalar(
+        "UPDATE sessions SET revoked_at = $3, revoke_reason = $4 \
+         WHERE user_id = $1 AND revoked_at IS NULL AND id IS NOT $2 RETURNING id",
+    )
+    .bind(user_id)
+    .bind(keep)
+    .bind(micros(now))
+    .bind(reason.as_str())
+    .fetch_all(conn)
+    .await?;
+    Ok(ids)
+}
+
+/// The end of a claim's lease (saturating: an absurd lease claims "forever").
+fn lease_end(now: OffsetDateTime, lease: Duration) -> OffsetDateTime {
+    time::Duration::try_from(lease)
+        .ok()
+        .and_then(|lease| now.checked_add(lease))
+        .unwrap_or(PrimitiveDateTime::MAX.assume_utc())
 }
 
 /// Unique violations on the user keys become [`StoreError::Conflict`]. SQLite names the
@@ -435,6 +799,8 @@ fn user_from_row(row: &SqliteRow) -> Result<UserRecord, StoreError> {
         password_hash: get(row, "password_hash")?,
         first_name: get(row, "first_name")?,
         last_name: get(row, "last_name")?,
+        phone: get(row, "phone")?,
+        bio: get(row, "bio")?,
         roles: serde_json::from_str(&roles)
             .map_err(|error| StoreError::Corrupt(format!("column roles: {error}")))?,
         email_verified_at: optional_instant(row, "email_verified_at")?,
@@ -459,5 +825,20 @@ fn session_from_row(row: &SqliteRow) -> Result<SessionRecord, StoreError> {
         refreshed_at: instant(row, "refreshed_at")?,
         expires_at: instant(row, "expires_at")?,
         revoked_at: optional_instant(row, "revoked_at")?,
+    })
+}
+
+fn mail_from_row(row: &SqliteRow) -> Result<OutboxMail, StoreError> {
+    let attempts: i64 = get(row, "attempts")?;
+    Ok(OutboxMail {
+        id: get(row, "id")?,
+        to: get(row, "recipient")?,
+        subject: get(row, "subject")?,
+        text: get(row, "body_text")?,
+        html: get(row, "body_html")?,
+        attempts: u32::try_from(attempts)
+            .map_err(|error| StoreError::Corrupt(format!("column attempts: {error}")))?,
+        created_at: instant(row, "created_at")?,
+        last_error: get(row, "last_error")?,
     })
 }

@@ -64,6 +64,9 @@ pub async fn test_settings(backend: Backend) -> Option<(Settings, tempfile::Temp
     settings.password.bcrypt_cost = 4;
     settings.sessions.activity_flush_interval = Duration::from_millis(100);
     settings.log.filter = "warn".into();
+    // Most tests log in right after registering; the verification tests switch it on.
+    settings.login.require_verified_email = false;
+    settings.mail.poll_interval = Duration::from_millis(100);
     if backend == Backend::Postgres {
         let Some(database_url) = support::fresh_postgres_url().await else {
             support::skip("PostgreSQL + Redis variant");
@@ -88,6 +91,26 @@ pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut Settings))
     let (mut settings, data) = test_settings(backend).await?;
     tweak(&mut settings);
     Some(spawn_with_settings(settings, std::sync::Arc::new(data)).await)
+}
+
+/// A server whose mail goes over SMTP to a real SMTP server (aiosmtpd), and that requires
+/// verified email addresses to log in.
+pub async fn spawn_app_with_mail(
+    backend: Backend,
+    tweak: impl FnOnce(&mut Settings),
+) -> Option<(TestApp, support::SmtpSink)> {
+    let sink = support::SmtpSink::start()?;
+    let url = sink.url();
+    let app = spawn_app_with(backend, |s| {
+        s.mail.smtp_url = Some(url);
+        s.mail.frontend_base_url = "https://app.example.test".into();
+        s.mail.initial_backoff = Duration::from_millis(100);
+        s.mail.max_backoff = Duration::from_millis(400);
+        s.login.require_verified_email = true;
+        tweak(s);
+    })
+    .await?;
+    Some((app, sink))
 }
 
 pub async fn spawn_app(backend: Backend) -> Option<TestApp> {

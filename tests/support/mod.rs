@@ -206,3 +206,8 @@ async fn accept_loop(listener: TcpListener, state: Arc<ProxyState>) {
         connections.push(task.abort_handle());
     }
 }
+
+mod smtp;
+// Not every test file uses the SMTP sink.
+#[allow(unused_imports)]
+pub use smtp::*;

@@ -2,8 +2,10 @@
 
 mod email;
 mod names;
+mod profile;
 mod username;
 
 pub use email::Email;
 pub use names::{LoginIdentifier, PersonName};
+pub use profile::{Bio, Phone};
 pub use username::Username;

@@ -1,0 +1,62 @@
+//! Mail from the flows: rendered, queued in the outbox in the flow's own transaction, and
+//! the outbox worker woken once that transaction has committed.
+
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::{Auth, AuthError, ClientInfo};
+use crate::{
+    mail::{Activity, Rendered},
+    store::{NewMail, StoreTx, UserRecord},
+};
+
+impl Auth {
+    /// Queues `mail` to `to` inside `tx`: it is sent if and only if `tx` commits.
+    pub(crate) async fn queue_mail(
+        &self,
+        tx: &mut Box<dyn StoreTx>,
+        user: Option<Uuid>,
+        to: &str,
+        mail: Rendered,
+    ) -> Result<(), AuthError> {
+        let queued = NewMail {
+            id: Uuid::now_v7(),
+            user_id: user,
+            to: to.to_string(),
+            subject: mail.subject,
+            text: mail.text,
+            html: mail.html,
+            created_at: super::register::now_micros(),
+        };
+        tx.enqueue_mail(&queued).await?;
+        Ok(())
+    }
+
+    /// Commits and lets the outbox worker know there is mail.
+    pub(crate) async fn commit_with_mail(&self, tx: Box<dyn StoreTx>) -> Result<(), AuthError> {
+        tx.commit().await?;
+        self.outbox.notify_one();
+        Ok(())
+    }
+}
+
+/// How a mail greets the user: their first name, else their username.
+pub(crate) fn greeting_name(user: &UserRecord) -> &str {
+    if user.first_name.is_empty() { &user.username } else { &user.first_name }
+}
+
+/// The request's time, IP and device, for mails about account activity.
+pub(crate) fn activity(client: &ClientInfo) -> Activity {
+    let device = client.device();
+    let described = match (device.browser.as_str(), device.os.as_str()) {
+        ("", "") => "an unknown device".to_string(),
+        (browser, "") => browser.to_string(),
+        ("", os) => os.to_string(),
+        (browser, os) => format!("{browser} on {os}"),
+    };
+    Activity {
+        at: OffsetDateTime::now_utc(),
+        ip: if device.ip_address.is_empty() { "an unknown address".into() } else { device.ip_address },
+        device: described,
+    }
+}

@@ -1,0 +1,83 @@
+//! Email verification: a single-use, hashed, expiring link mailed at registration (and on
+//! request); spending it marks the address verified and sends a welcome mail.
+
+use std::sync::Arc;
+
+use time::OffsetDateTime;
+
+use super::{Auth, AuthError, domain::Email, mail::greeting_name, register::now_micros};
+use crate::{
+    store::{NewOneTimeToken, StoreTx, TokenPurpose, UserRecord},
+    token::one_time,
+};
+
+impl Auth {
+    /// Issues a verification token for `user` (killing older ones) and queues its mail.
+    pub(crate) async fn queue_verification(
+        &self,
+        tx: &mut Box<dyn StoreTx>,
+        user: &UserRecord,
+        now: OffsetDateTime,
+    ) -> Result<(), AuthError> {
+        let (token, hash) = one_time::generate(TokenPurpose::VerifyEmail);
+        tx.issue_token(&NewOneTimeToken {
+            hash,
+            user_id: user.id,
+            purpose: TokenPurpose::VerifyEmail,
+            created_at: now,
+            expires_at: now + self.mail.verification_ttl,
+            new_email: None,
+        })
+        .await?;
+        let mail = self.templates.verify_email(greeting_name(user), &token, self.mail.verification_ttl);
+        self.queue_mail(tx, Some(user.id), &user.email, mail).await
+    }
+
+    /// Spends a verification token: the address is verified, a welcome mail goes out.
+    pub async fn verify_email(&self, token: &str) -> Result<(), AuthError> {
+        let hash =
+            one_time::parse(token, TokenPurpose::VerifyEmail).ok_or(AuthError::InvalidToken("token"))?;
+        let now = now_micros();
+        let mut tx = self.store.begin().await?;
+        let spent = tx
+            .consume_token(&hash, TokenPurpose::VerifyEmail, now)
+            .await?
+            .ok_or(AuthError::InvalidToken("token"))?;
+        let user = tx.lock_user(spent.user_id).await?.ok_or(AuthError::InvalidToken("token"))?;
+        if tx.mark_email_verified(user.id, now).await? {
+            let mail = self.templates.welcome(greeting_name(&user));
+            self.queue_mail(&mut tx, Some(user.id), &user.email, mail).await?;
+        }
+        self.commit_with_mail(tx).await?;
+        tracing::info!(user_id = %user.id, "email verified");
+        Ok(())
+    }
+
+    /// Mails a new verification link if `email` belongs to an unverified account. Answers
+    /// the same, at once, whatever the case: the work happens after the answer, so neither
+    /// the answer nor its timing tells whether the address is registered.
+    pub async fn resend_verification(self: &Arc<Self>, email: &str) -> Result<(), AuthError> {
+        let email = Email::parse(email).map_err(|e| AuthError::invalid("email", format!("email {e}")))?;
+        let auth = self.clone();
+        tokio::spawn(async move {
+            if let Err(error) = auth.resend_verification_now(&email).await {
+                tracing::warn!(error = ?error, "resending a verification mail failed");
+            }
+        });
+        Ok(())
+    }
+
+    async fn resend_verification_now(&self, email: &Email) -> Result<(), AuthError> {
+        let mut tx = self.store.begin().await?;
+        match tx.find_user_by_login(&email.key()).await? {
+            // Only the account whose address this is (not one whose username looks like it).
+            Some(user)
+                if user.email_verified_at.is_none() && user.email.eq_ignore_ascii_case(email.as_str()) =>
+            {
+                self.queue_verification(&mut tx, &user, now_micros()).await?;
+                self.commit_with_mail(tx).await
+            }
+            _ => Ok(()),
+        }
+    }
+}
