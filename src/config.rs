@@ -357,6 +357,9 @@ impl Settings {
         {
             return invalid("mail.frontend_base_url must be an http(s) URL");
         }
+        if self.mail.max_backoff < self.mail.initial_backoff {
+            return invalid("mail.max_backoff must be at least mail.initial_backoff");
+        }
         if self.mail.max_attempts == 0 {
             return invalid("mail.max_attempts must be at least 1");
         }
