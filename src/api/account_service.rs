@@ -32,12 +32,13 @@ impl AccountApi {
 fn profile_update(
     profile: pb::Profile,
     mask: Option<prost_types::FieldMask>,
+    current_password: String,
 ) -> Result<ProfileUpdate, AuthError> {
     let paths = mask.map(|m| m.paths).unwrap_or_default();
     if paths.is_empty() {
         return Err(AuthError::invalid("update_mask", "update_mask must name the fields to change"));
     }
-    let mut update = ProfileUpdate::default();
+    let mut update = ProfileUpdate { current_password, ..ProfileUpdate::default() };
     for path in paths {
         match path.as_str() {
             "first_name" => update.first_name = Some(profile.first_name.clone()),
@@ -80,7 +81,8 @@ impl AccountService for AccountApi {
         let client = client_info(&request, request.get_ref().client.as_ref(), &self.ctx.trusted_proxies)
             .map_err(to_status)?;
         let r = request.into_inner();
-        let update = profile_update(r.profile.unwrap_or_default(), r.update_mask).map_err(to_status)?;
+        let update = profile_update(r.profile.unwrap_or_default(), r.update_mask, r.current_password)
+            .map_err(to_status)?;
         let updated = self.ctx.auth.update_profile(&principal, update, &client).await.map_err(to_status)?;
         Ok(Response::new(pb::UpdateProfileResponse {
             user: Some(convert::user(updated.user)),

@@ -32,6 +32,27 @@ impl Auth {
         Ok(())
     }
 
+    /// Runs `job` after the caller has had its answer. Bounded: with too many jobs already
+    /// running the job is dropped (and logged) rather than queued without limit — the
+    /// caller got its constant answer either way.
+    pub(crate) fn in_background<F, Fut>(self: &std::sync::Arc<Self>, what: &'static str, job: F)
+    where
+        F: FnOnce(std::sync::Arc<Auth>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<(), AuthError>> + Send + 'static,
+    {
+        let Ok(permit) = self.background.clone().try_acquire_owned() else {
+            tracing::warn!(what, "too many background jobs running: dropped one");
+            return;
+        };
+        let auth = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(error) = job(auth).await {
+                tracing::warn!(what, error = ?error, "background job failed");
+            }
+        });
+    }
+
     /// Commits and lets the outbox worker know there is mail.
     pub(crate) async fn commit_with_mail(&self, tx: Box<dyn StoreTx>) -> Result<(), AuthError> {
         tx.commit().await?;

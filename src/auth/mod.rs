@@ -60,7 +60,12 @@ pub struct Auth {
     /// Wakes the outbox worker right after a mail is committed.
     outbox: std::sync::Arc<tokio::sync::Notify>,
     require_verified_email: bool,
+    /// Bounds the work done after answering (reset and verification mails).
+    background: std::sync::Arc<tokio::sync::Semaphore>,
 }
+
+/// At most this many post-answer jobs at once.
+const BACKGROUND_JOBS: usize = 64;
 
 /// The authenticated caller of a user call (from `authorization: Bearer`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +125,7 @@ impl Auth {
             mail: parts.mail,
             outbox: parts.outbox,
             require_verified_email: parts.require_verified_email,
+            background: std::sync::Arc::new(tokio::sync::Semaphore::new(BACKGROUND_JOBS)),
         }
     }
 

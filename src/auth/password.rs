@@ -3,9 +3,14 @@
 //! A reset link goes to the address on file — never to one taken from the request — and
 //! its host comes from configuration. Resetting spends the token, sets the password and
 //! ends every session in one transaction; changing needs the current password and ends the
-//! other sessions. Both mail a notice.
+//! other sessions. Both kill pending reset and email-change links and mail a notice.
+//!
+//! Lock order, in every flow: the user row first, then its tokens.
 
 use std::sync::Arc;
+
+use time::OffsetDateTime;
+use uuid::Uuid;
 
 use super::{
     Auth, AuthError, ClientInfo, Principal,
@@ -15,7 +20,7 @@ use super::{
 };
 use crate::{
     password::{NewPassword, PasswordPolicy},
-    store::{NewOneTimeToken, RevokeReason, TokenPurpose, UserRecord},
+    store::{NewOneTimeToken, RevokeReason, SpentToken, StoreTx, TokenPurpose, UserRecord},
     token::one_time,
 };
 
@@ -29,11 +34,9 @@ impl Auth {
     ) -> Result<(), AuthError> {
         let identifier = LoginIdentifier::parse(identifier)
             .map_err(|e| AuthError::invalid("identifier", format!("identifier {e}")))?;
-        let (auth, client) = (self.clone(), client.clone());
-        tokio::spawn(async move {
-            if let Err(error) = auth.send_reset_link(&identifier, &client).await {
-                tracing::warn!(error = ?error, "sending a password reset mail failed");
-            }
+        let client = client.clone();
+        self.in_background("password reset mail", move |auth| async move {
+            auth.send_reset_link(&identifier, &client).await
         });
         Ok(())
     }
@@ -43,10 +46,11 @@ impl Auth {
         identifier: &LoginIdentifier,
         client: &ClientInfo,
     ) -> Result<(), AuthError> {
+        // Look first, outside any transaction: an unknown identifier costs no write lock.
+        let Some(found) = self.store.find_user_by_login(identifier.key()).await? else { return Ok(()) };
         let mut tx = self.store.begin().await?;
-        let Some(user) = tx.find_user_by_login(identifier.key()).await? else {
-            return Ok(());
-        };
+        // Locking the user serialises concurrent requests, so only the newest link lives.
+        let Some(user) = tx.lock_user(found.id).await? else { return Ok(()) };
         let now = now_micros();
         let (token, hash) = one_time::generate(TokenPurpose::ResetPassword);
         // Issuing kills the user's older reset links.
@@ -92,22 +96,18 @@ impl Auth {
         let password_hash = self.hasher.hash(password.expose()).await?;
 
         let now = now_micros();
-        let mut tx = self.store.begin().await?;
-        let spent = tx
-            .consume_token(&hash, TokenPurpose::ResetPassword, now)
-            .await?
-            .ok_or(AuthError::InvalidToken("token"))?;
-        let user = tx.lock_user(spent.user_id).await?.ok_or(AuthError::InvalidToken("token"))?;
+        let (mut tx, user, _) = self.spend_token(&hash, TokenPurpose::ResetPassword, now).await?;
         // Dropping `tx` on this error rolls back: the token stays usable.
         self.check_identity("new_password", &password, &user)?;
         tx.set_password_hash(user.id, &password_hash, now).await?;
-        tx.invalidate_tokens(user.id, TokenPurpose::ResetPassword, now).await?;
+        self.kill_account_links(&mut tx, user.id, now).await?;
         let revoked = tx.revoke_user_sessions(user.id, None, RevokeReason::PasswordReset, now).await?;
         let mail = self.templates.password_changed(greeting_name(&user), &activity(client));
         self.queue_mail(&mut tx, Some(user.id), &user.email, mail).await?;
         self.commit_with_mail(tx).await?;
         tracing::info!(user_id = %user.id, sessions = revoked.len(), "password reset");
-        self.publish_revocations(&revoked).await
+        self.publish_committed(&revoked).await;
+        Ok(())
     }
 
     /// The caller changes their password; their other sessions end. Returns how many.
@@ -133,9 +133,9 @@ impl Auth {
 
         let now = now_micros();
         let mut tx = self.store.begin().await?;
-        let user = tx.lock_user(principal.user_id).await?.ok_or(AuthError::NotFound("account"))?;
+        let user = self.lock_unchanged(&mut tx, &user, "current_password").await?;
         tx.set_password_hash(user.id, &password_hash, now).await?;
-        tx.invalidate_tokens(user.id, TokenPurpose::ResetPassword, now).await?;
+        self.kill_account_links(&mut tx, user.id, now).await?;
         let revoked = tx
             .revoke_user_sessions(user.id, Some(principal.session_id), RevokeReason::PasswordChanged, now)
             .await?;
@@ -143,8 +143,57 @@ impl Auth {
         self.queue_mail(&mut tx, Some(user.id), &user.email, mail).await?;
         self.commit_with_mail(tx).await?;
         tracing::info!(user_id = %user.id, sessions = revoked.len(), "password changed");
-        self.publish_revocations(&revoked).await?;
+        self.publish_committed(&revoked).await;
         Ok(revoked.len())
+    }
+
+    /// Locks the user whose password was just verified against `verified.password_hash`,
+    /// and insists the hash is unchanged: a reset that committed meanwhile wins, and a
+    /// stale "current password" must not act after it.
+    pub(crate) async fn lock_unchanged(
+        &self,
+        tx: &mut Box<dyn StoreTx>,
+        verified: &UserRecord,
+        field: &'static str,
+    ) -> Result<UserRecord, AuthError> {
+        let locked = tx.lock_user(verified.id).await?.ok_or(AuthError::NotFound("account"))?;
+        if locked.password_hash != verified.password_hash {
+            return Err(AuthError::invalid(field, format!("{field} is incorrect")));
+        }
+        Ok(locked)
+    }
+
+    /// Opens a transaction that has spent a mailed token and holds its owner's row locked.
+    /// The owner is looked up first without locking, so the user row is locked BEFORE the
+    /// token — the lock order of every flow, so flows on one user never deadlock.
+    pub(crate) async fn spend_token(
+        &self,
+        hash: &[u8],
+        purpose: TokenPurpose,
+        now: OffsetDateTime,
+    ) -> Result<(Box<dyn StoreTx>, UserRecord, SpentToken), AuthError> {
+        let owner =
+            self.store.peek_token(hash, purpose, now).await?.ok_or(AuthError::InvalidToken("token"))?;
+        let mut tx = self.store.begin().await?;
+        let user = tx.lock_user(owner).await?.ok_or(AuthError::InvalidToken("token"))?;
+        match tx.consume_token(hash, purpose, now).await? {
+            // A concurrent call spent it between the look-up and here: it won.
+            Some(spent) if spent.user_id == user.id => Ok((tx, user, spent)),
+            _ => Err(AuthError::InvalidToken("token")),
+        }
+    }
+
+    /// Kills every mailed link that could take the account over (pending resets and email
+    /// changes): after a password reset or change, only the new password holds the keys.
+    pub(crate) async fn kill_account_links(
+        &self,
+        tx: &mut Box<dyn StoreTx>,
+        user: Uuid,
+        now: OffsetDateTime,
+    ) -> Result<(), AuthError> {
+        tx.invalidate_tokens(user, TokenPurpose::ResetPassword, now).await?;
+        tx.invalidate_tokens(user, TokenPurpose::ChangeEmail, now).await?;
+        Ok(())
     }
 
     /// A new password that meets the policy, reported against `field`.

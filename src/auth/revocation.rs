@@ -31,6 +31,15 @@ impl Auth {
         }
     }
 
+    /// Publishes revocations whose change has ALREADY committed: a failure is logged and left
+    /// to the reconciler (already woken), because answering an error would make the caller
+    /// retry a flow that cannot be repeated (a spent token, a changed password).
+    pub(crate) async fn publish_committed(&self, sessions: &[Uuid]) {
+        if let Err(error) = self.publish_revocations(sessions).await {
+            tracing::warn!(error = ?error, sessions = sessions.len(), "revocations committed but not yet published; the reconciler will");
+        }
+    }
+
     /// Tells the reconciler the hot state failed: it re-publishes as soon as it answers again.
     pub fn hot_state_failed(&self) {
         self.resync.notify_one();

@@ -29,7 +29,9 @@ impl Auth {
             new_email: None,
         })
         .await?;
-        let mail = self.templates.verify_email(greeting_name(user), &token, self.mail.verification_ttl);
+        // No name: this address has proven nothing yet, and whoever registered chose the
+        // name (text an attacker could aim at someone else's mailbox).
+        let mail = self.templates.verify_email("", &token, self.mail.verification_ttl);
         self.queue_mail(tx, Some(user.id), &user.email, mail).await
     }
 
@@ -38,12 +40,7 @@ impl Auth {
         let hash =
             one_time::parse(token, TokenPurpose::VerifyEmail).ok_or(AuthError::InvalidToken("token"))?;
         let now = now_micros();
-        let mut tx = self.store.begin().await?;
-        let spent = tx
-            .consume_token(&hash, TokenPurpose::VerifyEmail, now)
-            .await?
-            .ok_or(AuthError::InvalidToken("token"))?;
-        let user = tx.lock_user(spent.user_id).await?.ok_or(AuthError::InvalidToken("token"))?;
+        let (mut tx, user, _) = self.spend_token(&hash, TokenPurpose::VerifyEmail, now).await?;
         if tx.mark_email_verified(user.id, now).await? {
             let mail = self.templates.welcome(greeting_name(&user));
             self.queue_mail(&mut tx, Some(user.id), &user.email, mail).await?;
@@ -58,18 +55,17 @@ impl Auth {
     /// the answer nor its timing tells whether the address is registered.
     pub async fn resend_verification(self: &Arc<Self>, email: &str) -> Result<(), AuthError> {
         let email = Email::parse(email).map_err(|e| AuthError::invalid("email", format!("email {e}")))?;
-        let auth = self.clone();
-        tokio::spawn(async move {
-            if let Err(error) = auth.resend_verification_now(&email).await {
-                tracing::warn!(error = ?error, "resending a verification mail failed");
-            }
+        self.in_background("verification mail", move |auth| async move {
+            auth.resend_verification_now(&email).await
         });
         Ok(())
     }
 
     async fn resend_verification_now(&self, email: &Email) -> Result<(), AuthError> {
+        // Look first, outside any transaction: an unknown address costs no write lock.
+        let Some(found) = self.store.find_user_by_login(&email.key()).await? else { return Ok(()) };
         let mut tx = self.store.begin().await?;
-        match tx.find_user_by_login(&email.key()).await? {
+        match tx.lock_user(found.id).await? {
             // Only the account whose address this is (not one whose username looks like it).
             Some(user)
                 if user.email_verified_at.is_none() && user.email.eq_ignore_ascii_case(email.as_str()) =>

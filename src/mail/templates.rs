@@ -156,6 +156,23 @@ impl Templates {
         mail.finish(format!("Your {product} email address is being changed"), product)
     }
 
+    /// Sent to the OLD address once a change of email has been confirmed: the last word
+    /// the old mailbox gets about the account.
+    pub fn email_changed(&self, name: &str, new_address_masked: &str) -> Rendered {
+        let product = &self.product_name;
+        let mut mail = Body::new(name);
+        mail.paragraph(&format!(
+            "The email address of your {product} account is now {}. Mail about the account \
+             goes there from now on.",
+            clean(new_address_masked)
+        ));
+        mail.paragraph(&format!(
+            "If you did not make this change, contact {product} support at once: someone else \
+             may control your account."
+        ));
+        mail.finish(format!("Your {product} email address was changed"), product)
+    }
+
     /// `{base}/{path}?token={token}`, the token percent-encoded.
     fn link(&self, path: &str, token: &str) -> String {
         format!("{}/{path}?token={}", self.frontend_base_url, percent_encode(token))

@@ -127,11 +127,13 @@ pub trait Store: Send + Sync + 'static {
         lease: std::time::Duration,
     ) -> Result<Vec<OutboxMail>, StoreError>;
 
-    /// Records a delivery.
+    /// Records a delivery, and blanks the body: it holds live links, which must not stay
+    /// readable at rest once they have been handed over.
     async fn mail_sent(&self, id: Uuid, now: OffsetDateTime) -> Result<(), StoreError>;
 
     /// Records a failed attempt: `attempts + 1`, `last_error`, and the next attempt's time,
-    /// or `None` to give up (the row stays, with its last error).
+    /// or `None` to give up (the row stays, with its last error; its body is blanked, as on
+    /// delivery).
     async fn mail_failed(
         &self,
         id: Uuid,

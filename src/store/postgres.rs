@@ -392,7 +392,7 @@ impl Store for PostgresStore {
     }
 
     async fn mail_sent(&self, id: Uuid, now: OffsetDateTime) -> Result<(), StoreError> {
-        sqlx::query("UPDATE outbox SET sent_at = $2 WHERE id = $1")
+        sqlx::query("UPDATE outbox SET sent_at = $2, body_text = '', body_html = '' WHERE id = $1")
             .bind(id)
             .bind(now)
             .execute(&self.pool)
@@ -415,7 +415,8 @@ impl Store for PostgresStore {
             .bind(error)
             .bind(at),
             None => sqlx::query(
-                "UPDATE outbox SET attempts = attempts + 1, last_error = $2, gave_up_at = $3 WHERE id = $1",
+                "UPDATE outbox SET attempts = attempts + 1, last_error = $2, gave_up_at = $3, body_text = '', body_html = '' \
+                 WHERE id = $1",
             )
             .bind(id)
             .bind(error)

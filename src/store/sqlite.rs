@@ -411,7 +411,7 @@ impl Store for SqliteStore {
     }
 
     async fn mail_sent(&self, id: Uuid, now: OffsetDateTime) -> Result<(), StoreError> {
-        sqlx::query("UPDATE outbox SET sent_at = $2 WHERE id = $1")
+        sqlx::query("UPDATE outbox SET sent_at = $2, body_text = '', body_html = '' WHERE id = $1")
             .bind(id)
             .bind(micros(now))
             .execute(&self.pool)
@@ -434,7 +434,8 @@ impl Store for SqliteStore {
             .bind(error)
             .bind(micros(at)),
             None => sqlx::query(
-                "UPDATE outbox SET attempts = attempts + 1, last_error = $2, gave_up_at = $3 WHERE id = $1",
+                "UPDATE outbox SET attempts = attempts + 1, last_error = $2, gave_up_at = $3, body_text = '', body_html = '' \
+                 WHERE id = $1",
             )
             .bind(id)
             .bind(error)

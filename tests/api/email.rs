@@ -27,6 +27,7 @@ on_both_backends!(
     change_password_needs_the_current_one_and_ends_other_sessions,
     profile_updates_only_the_masked_fields_and_email_switches_after_confirmation,
     delete_account_needs_the_password_and_removes_the_account,
+    a_password_reset_kills_a_pending_email_change,
     mail_queued_while_smtp_is_down_arrives_when_it_is_back,
 );
 
@@ -278,6 +279,9 @@ async fn concurrent_resets_with_one_token_have_one_winner(backend: Backend) {
     let winners: Vec<&String> =
         passwords.iter().zip(&results).filter(|(_, r)| r.is_ok()).map(|(p, _)| p).collect();
     assert_eq!(winners.len(), 1, "exactly one reset");
+    for loser in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(error_reason(loser), "INVALID_TOKEN", "{loser:?}");
+    }
     app.try_login("jon", winners[0]).await.expect("the winner's password is the one set");
 }
 
@@ -321,6 +325,11 @@ async fn profile_updates_only_the_masked_fields_and_email_switches_after_confirm
         profile: Some(profile),
         update_mask: Some(prost_types::FieldMask { paths: paths.iter().map(|p| p.to_string()).collect() }),
         client: None,
+        current_password: String::new(),
+    };
+    let email_change = |to: &str, password: &str| pb::UpdateProfileRequest {
+        current_password: password.into(),
+        ..update(pb::Profile { email: to.into(), ..Default::default() }, &["email"])
     };
 
     let account = client.get_account(bearer(pb::GetAccountRequest {}, &access)).await.unwrap().into_inner();
@@ -352,24 +361,38 @@ async fn profile_updates_only_the_masked_fields_and_email_switches_after_confirm
     let bad = client.update_profile(bearer(update(bad, &["phone"]), &access)).await.unwrap_err();
     assert_eq!(violated_fields(&bad), ["phone"]);
 
-    app.register("taken").await;
-    let taken = pb::Profile { email: "taken@example.com".into(), ..Default::default() };
-    let taken = client.update_profile(bearer(update(taken, &["email"]), &access)).await.unwrap_err();
-    assert_eq!(taken.code(), Code::AlreadyExists);
+    // A new email needs the current password: an access token alone is not enough.
+    let none =
+        client.update_profile(bearer(email_change("lena.new@example.com", ""), &access)).await.unwrap_err();
+    assert_eq!(violated_fields(&none), ["current_password"]);
+    let wrong = client
+        .update_profile(bearer(email_change("lena.new@example.com", "wrong!"), &access))
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&wrong), ["current_password"]);
 
-    let change = pb::Profile { email: "lena.new@example.com".into(), ..Default::default() };
-    let pending =
-        client.update_profile(bearer(update(change, &["email"]), &access)).await.unwrap().into_inner();
+    // An address another account holds gets the same answer (no oracle); confirming fails.
+    app.register("taken").await;
+    let taken =
+        client.update_profile(bearer(email_change("taken@example.com", PASSWORD), &access)).await.unwrap();
+    assert!(taken.into_inner().email_change_pending);
+    let taken_link = link_token(&mails_to(&sink, "taken@example.com", 2).await[1], "/confirm-email");
+    let conflict = client.confirm_email_change(pb::ConfirmEmailChangeRequest { token: taken_link }).await;
+    assert_eq!(conflict.unwrap_err().code(), Code::AlreadyExists);
+
+    let pending = client
+        .update_profile(bearer(email_change("lena.new@example.com", PASSWORD), &access))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(pending.email_change_pending);
     assert_eq!(pending.user.unwrap().email, email, "still the old address until confirmed");
     let confirm = mails_to(&sink, "lena.new@example.com", 1).await.remove(0);
+    assert!(!confirm.text.contains("Lena"), "no requester-chosen text to an unproven address");
     let token = link_token(&confirm, "/confirm-email");
-    let notice = mails_to(&sink, &email, 3).await.remove(2);
-    assert!(
-        notice.text.contains("l***@example.com") || notice.text.contains("***"),
-        "old address told: {}",
-        notice.text
-    );
+    let notice = mails_to(&sink, &email, 4).await.remove(3);
+    assert!(notice.text.contains("l***@example.com"), "old address told, masked: {}", notice.text);
+    assert!(!notice.text.contains("lena.new@example.com"), "{}", notice.text);
     assert!(!notice.text.contains(&token), "the confirmation token goes only to the new address");
 
     client
@@ -387,8 +410,39 @@ async fn profile_updates_only_the_masked_fields_and_email_switches_after_confirm
         .unwrap();
     assert_eq!(user.email, "lena.new@example.com");
     assert!(user.email_verified);
+    let changed = mails_to(&sink, &email, 5).await.remove(4);
+    assert!(
+        changed.subject.to_lowercase().contains("changed"),
+        "the old address hears of it: {}",
+        changed.subject
+    );
     app.try_login("lena.new@example.com", PASSWORD).await.expect("log in with the new address");
     assert_eq!(app.try_login(&email, PASSWORD).await.unwrap_err().code(), Code::Unauthenticated);
+}
+
+/// A stolen session starts a change of email; the owner resets the password as the notice
+/// says: the pending change must die with the reset.
+async fn a_password_reset_kills_a_pending_email_change(backend: Backend) {
+    let Some((app, sink)) = spawn_app_with_mail(backend, |_| {}).await else { return };
+    let email = verified_user(&app, &sink, "nora").await;
+    let stolen = app.login("nora").await.tokens.unwrap().access_token;
+    let mut client = portcullis::api::pb::account_service_client::AccountServiceClient::new(app.channel());
+    let hijack = pb::UpdateProfileRequest {
+        profile: Some(pb::Profile { email: "thief@evil.test".into(), ..Default::default() }),
+        update_mask: Some(prost_types::FieldMask { paths: vec!["email".into()] }),
+        client: None,
+        current_password: PASSWORD.into(),
+    };
+    client.update_profile(bearer(hijack, &stolen)).await.unwrap();
+    let thief_link = link_token(&mails_to(&sink, "thief@evil.test", 1).await[0], "/confirm-email");
+
+    forgot(&app, "nora").await;
+    let reset_link = link_token(&mails_to(&sink, &email, 4).await[3], "/reset-password");
+    reset(&app, &reset_link, NEW_PASSWORD).await.unwrap();
+
+    let late = client.confirm_email_change(pb::ConfirmEmailChangeRequest { token: thief_link }).await;
+    assert_eq!(error_reason(&late.unwrap_err()), "INVALID_TOKEN");
+    assert_eq!(reason(&app.validate(&stolen).await), TokenInvalidReason::SessionRevoked);
 }
 
 async fn delete_account_needs_the_password_and_removes_the_account(backend: Backend) {
