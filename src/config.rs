@@ -34,7 +34,28 @@ pub struct Settings {
     pub password: PasswordSettings,
     pub login: LoginSettings,
     pub mail: MailSettings,
+    pub tracking: TrackingSettings,
     pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrackingSettings {
+    /// Login attempts older than this are deleted.
+    #[serde(with = "humantime_serde")]
+    pub attempts_retention: Duration,
+    /// How often the retention purge runs.
+    #[serde(with = "humantime_serde")]
+    pub purge_interval: Duration,
+}
+
+impl Default for TrackingSettings {
+    fn default() -> Self {
+        TrackingSettings {
+            attempts_retention: Duration::from_secs(90 * 24 * 3600),
+            purge_interval: Duration::from_secs(3600),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -209,6 +230,7 @@ impl Default for Settings {
             password: PasswordSettings::default(),
             login: LoginSettings::default(),
             mail: MailSettings::default(),
+            tracking: TrackingSettings::default(),
             log: LogSettings::default(),
         }
     }
@@ -392,6 +414,8 @@ impl Settings {
             ("sessions.activity_flush_interval", self.sessions.activity_flush_interval),
             ("sessions.revocation_resync_interval", self.sessions.revocation_resync_interval),
             ("password.hashing_queue_timeout", self.password.hashing_queue_timeout),
+            ("tracking.attempts_retention", self.tracking.attempts_retention),
+            ("tracking.purge_interval", self.tracking.purge_interval),
             ("mail.verification_ttl", self.mail.verification_ttl),
             ("mail.reset_ttl", self.mail.reset_ttl),
             ("mail.poll_interval", self.mail.poll_interval),

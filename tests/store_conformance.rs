@@ -93,6 +93,7 @@ conformance!(
     concurrent_consumes_spend_once,
     outbox_rolled_back_leaves_nothing,
     claim_lease_and_sent,
+    released_mail_is_due_at_once_without_an_attempt,
     claim_limit_oldest_first,
     mail_failed_retries_then_gives_up,
     concurrent_claimers_never_share_a_mail,
@@ -101,6 +102,11 @@ conformance!(
     set_email_conflict_and_success,
     mark_email_verified_once_and_set_password_hash,
     tx_revoke_user_sessions,
+    session_location_round_trips,
+    login_attempts_record_and_list,
+    login_attempts_paginate_without_gaps_or_duplicates,
+    purge_login_attempts_deletes_only_older,
+    delete_user_deletes_its_login_attempts,
 );
 
 /// Behaviour of SQLite alone: opening, in-memory databases, corrupt rows.
@@ -161,9 +167,9 @@ mod sqlite_specific {
 
 mod cases {
     use portcullis::store::{
-        DeviceInfo, DynStore, NewMail, NewOneTimeToken, NewSession, NewUser, OutboxMail, ProfileChanges,
-        RefreshRotation, RevokeReason, RotateOutcome, SessionRecord, SpentToken, StoreError, TokenPurpose,
-        UserRecord,
+        AttemptOutcome, DeviceInfo, DynStore, Location, LoginAttempt, NewLoginAttempt, NewMail,
+        NewOneTimeToken, NewSession, NewUser, OutboxMail, ProfileChanges, RefreshRotation, RevokeReason,
+        RotateOutcome, SessionRecord, SpentToken, StoreError, TokenPurpose, UserRecord,
     };
     use time::{Duration, OffsetDateTime};
     use uuid::Uuid;
@@ -208,6 +214,7 @@ mod cases {
                 ip_address: "2001:db8::1".to_owned(),
                 fingerprint: "fp-1".to_owned(),
             },
+            location: None,
             created_at,
             expires_at: created_at + Duration::days(30),
         }
@@ -358,6 +365,7 @@ mod cases {
             id: new.id,
             user_id: owner.id,
             device: new.device.clone(),
+            location: None,
             created_at: t,
             last_active_at: t,
             refreshed_at: t,
@@ -1021,6 +1029,20 @@ mod cases {
         assert!(store.claim_due_mail(t + Duration::days(365), 10, LEASE).await.unwrap().is_empty());
     }
 
+    pub async fn released_mail_is_due_at_once_without_an_attempt(store: DynStore) {
+        let t = now();
+        let (a, b) = (new_mail(None, t), new_mail(None, t));
+        enqueue(&store, &a).await;
+        enqueue(&store, &b).await;
+        assert_eq!(store.claim_due_mail(t, 10, LEASE).await.unwrap().len(), 2);
+        store.mail_sent(b.id, t).await.unwrap();
+        let later = t + Duration::seconds(1);
+        store.release_mail(&[a.id, b.id], later).await.unwrap();
+        let again = store.claim_due_mail(later, 10, LEASE).await.unwrap();
+        assert_eq!(ids(&again), vec![a.id], "released at once; the sent one stays sent");
+        assert_eq!(again[0].attempts, 0, "releasing is not an attempt");
+    }
+
     pub async fn claim_limit_oldest_first(store: DynStore) {
         let t = now() - Duration::minutes(10);
         let mails: Vec<_> = (0..3).map(|i| new_mail(None, t + Duration::seconds(i))).collect();
@@ -1307,6 +1329,226 @@ mod cases {
         assert_eq!(revoked, expected);
         assert!(store.list_active_sessions(owner.id, t1).await.unwrap().is_empty());
     }
+
+    fn london() -> Location {
+        Location {
+            country: "GB".to_owned(),
+            city: "London".to_owned(),
+            latitude: Some(51.5072),
+            longitude: Some(-0.1276),
+        }
+    }
+
+    pub async fn session_location_round_trips(store: DynStore) {
+        let owner = user(&store, "ida").await;
+        let t = now();
+        let partial = Location { country: "FR".to_owned(), ..Location::default() };
+        // `Some` with every field empty is still `Some`: empty strings are stored as given.
+        for location in [Some(london()), Some(partial), Some(Location::default()), None] {
+            let mut new = new_session(owner.id, t);
+            new.location = location.clone();
+            let created = store.create_session(&new).await.unwrap();
+            assert_eq!(created.location, location);
+            assert_eq!(store.find_session(new.id).await.unwrap().unwrap().location, location);
+            let listed = store.list_active_sessions(owner.id, t).await.unwrap();
+            assert_eq!(listed.iter().find(|s| s.id == new.id).unwrap().location, location);
+            let RotateOutcome::Rotated(rotated) =
+                store.rotate_refresh_token(&rotation(&new.refresh_hash, t)).await.unwrap()
+            else {
+                panic!("rotates");
+            };
+            assert_eq!(rotated.location, location);
+        }
+    }
+
+    fn new_attempt(user_id: Option<Uuid>, identifier: &str, at: OffsetDateTime) -> NewLoginAttempt {
+        NewLoginAttempt {
+            id: Uuid::new_v4(),
+            at,
+            identifier: identifier.to_owned(),
+            user_id,
+            outcome: AttemptOutcome::Failure,
+            reason: "invalid_credentials".to_owned(),
+            device: DeviceInfo {
+                device_type: "mobile".to_owned(),
+                browser: "Safari".to_owned(),
+                os: "iOS".to_owned(),
+                user_agent: "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X)".to_owned(),
+                ip_address: "203.0.113.7".to_owned(),
+                fingerprint: "fp-attempt".to_owned(),
+            },
+            location: None,
+        }
+    }
+
+    fn recorded(new: &NewLoginAttempt) -> LoginAttempt {
+        LoginAttempt {
+            id: new.id,
+            at: new.at,
+            identifier: new.identifier.clone(),
+            user_id: new.user_id,
+            outcome: new.outcome,
+            reason: new.reason.clone(),
+            device: new.device.clone(),
+            location: new.location.clone(),
+        }
+    }
+
+    async fn record(store: &DynStore, attempt: &NewLoginAttempt) {
+        store.record_login_attempt(attempt).await.expect("record login attempt");
+    }
+
+    pub async fn login_attempts_record_and_list(store: DynStore) {
+        let owner = user(&store, "Katherine").await;
+        let other = user(&store, "dorothy").await;
+        let t = now();
+
+        let mut success = new_attempt(Some(owner.id), "Katherine", t);
+        success.outcome = AttemptOutcome::Success;
+        success.reason = "ok".to_owned();
+        success.location = Some(london());
+        let mut failure = new_attempt(Some(owner.id), "katherine@EXAMPLE.com", t - Duration::minutes(5));
+        failure.device = DeviceInfo::default();
+        let mut unverified = new_attempt(Some(owner.id), "katherine", t - Duration::hours(1));
+        unverified.reason = "email_not_verified".to_owned();
+        unverified.location = Some(Location { country: "US".to_owned(), ..Location::default() });
+        let mut empty_location = new_attempt(Some(owner.id), "Katherine", t - Duration::days(1));
+        empty_location.location = Some(Location::default());
+        // Attempts of another account, and one that matched none, even naming this one.
+        let others = [
+            new_attempt(Some(other.id), "dorothy", t + Duration::seconds(1)),
+            new_attempt(None, "katherine", t + Duration::seconds(2)),
+        ];
+        for attempt in [&unverified, &success, &others[0], &empty_location, &failure, &others[1]] {
+            record(&store, attempt).await;
+        }
+
+        let expected: Vec<LoginAttempt> =
+            [&success, &failure, &unverified, &empty_location].into_iter().map(recorded).collect();
+        assert_eq!(store.list_login_attempts(owner.id, None, 10).await.unwrap(), expected);
+        assert_eq!(store.list_login_attempts(owner.id, None, 2).await.unwrap(), expected[..2]);
+        assert_eq!(
+            store.list_login_attempts(owner.id, Some((failure.at, failure.id)), 10).await.unwrap(),
+            expected[2..]
+        );
+        assert!(store.list_login_attempts(owner.id, None, 0).await.unwrap().is_empty());
+        assert_eq!(store.list_login_attempts(other.id, None, 10).await.unwrap(), vec![recorded(&others[0])]);
+        assert!(store.list_login_attempts(Uuid::new_v4(), None, 10).await.unwrap().is_empty());
+    }
+
+    pub async fn login_attempts_paginate_without_gaps_or_duplicates(store: DynStore) {
+        let owner = user(&store, "mary").await;
+        let other = user(&store, "jackson").await;
+        let base = now() - Duration::hours(1);
+        // 25 attempts in groups of three sharing one instant: ties are broken by id.
+        let mut attempts = Vec::new();
+        for i in 0..25 {
+            let at = base + Duration::seconds(i / 3);
+            let attempt = new_attempt(Some(owner.id), "mary", at);
+            record(&store, &attempt).await;
+            // Interleaved noise that must not show.
+            record(&store, &new_attempt(Some(other.id), "jackson", at)).await;
+            attempts.push(attempt);
+        }
+        let mut expected: Vec<LoginAttempt> = attempts.iter().map(recorded).collect();
+        expected.sort_by_key(|a| std::cmp::Reverse((a.at, a.id)));
+
+        let mut pages = Vec::new();
+        let mut before = None;
+        loop {
+            let page = store.list_login_attempts(owner.id, before, 10).await.unwrap();
+            if page.is_empty() {
+                break;
+            }
+            assert!(pages.len() < 3, "at most three pages of 25");
+            before = page.last().map(|a| (a.at, a.id));
+            pages.push(page);
+        }
+        assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [10, 10, 5]);
+        assert_eq!(pages.concat(), expected, "newest first by (at, id), no gaps, no duplicates");
+        // The same query again gives the same pages.
+        assert_eq!(
+            store.list_login_attempts(owner.id, Some((expected[9].at, expected[9].id)), 10).await.unwrap(),
+            pages[1]
+        );
+    }
+
+    pub async fn purge_login_attempts_deletes_only_older(store: DynStore) {
+        let owner = user(&store, "annie").await;
+        let t = now();
+        let cutoff = t - Duration::days(3);
+        let old = new_attempt(Some(owner.id), "annie", t - Duration::days(10));
+        let old_unmatched = new_attempt(None, "nobody", cutoff - Duration::microseconds(1));
+        let at_cutoff = new_attempt(Some(owner.id), "annie", cutoff);
+        let recent = new_attempt(Some(owner.id), "annie", t);
+        let recent_unmatched = new_attempt(None, "nobody", t);
+        for attempt in [&old, &old_unmatched, &at_cutoff, &recent, &recent_unmatched] {
+            record(&store, attempt).await;
+        }
+
+        assert_eq!(store.purge_login_attempts(cutoff).await.unwrap(), 2);
+        assert_eq!(
+            store.list_login_attempts(owner.id, None, 10).await.unwrap(),
+            vec![recorded(&recent), recorded(&at_cutoff)]
+        );
+        assert_eq!(store.purge_login_attempts(cutoff).await.unwrap(), 0);
+        // Everything left: the three at or after the cutoff.
+        assert_eq!(store.purge_login_attempts(t + Duration::days(1)).await.unwrap(), 3);
+        assert!(store.list_login_attempts(owner.id, None, 10).await.unwrap().is_empty());
+    }
+
+    pub async fn delete_user_deletes_its_login_attempts(store: DynStore) {
+        let doomed = user(&store, "Doomed").await;
+        let kept = user(&store, "kept").await;
+        let t0 = now() - Duration::hours(1);
+
+        // (attempt, survives the deletion), each at its own instant.
+        let specs: [(Option<Uuid>, &str, bool); 9] = [
+            (Some(doomed.id), "Doomed", false),
+            (Some(doomed.id), "doomed@example.com", false),
+            // Matched no account but named the doomed one, in any case.
+            (None, "DOOMED", false),
+            (None, "doomed", false),
+            (None, "Doomed@EXAMPLE.COM", false),
+            // Matched another account: not the doomed one's, whatever it says.
+            (Some(kept.id), "kept", true),
+            (Some(kept.id), "doomed", true),
+            // Named someone else, or nearly the doomed one.
+            (None, "doomed2", true),
+            (None, "doomed@example.org", true),
+        ];
+        let attempts: Vec<(NewLoginAttempt, bool)> = specs
+            .iter()
+            .enumerate()
+            .map(|(i, &(user_id, identifier, survives))| {
+                (new_attempt(user_id, identifier, t0 + Duration::seconds(i as i64)), survives)
+            })
+            .collect();
+        for (attempt, _) in &attempts {
+            record(&store, attempt).await;
+        }
+
+        // Rolled back: nothing happens.
+        let mut tx = store.begin().await.unwrap();
+        tx.delete_user(doomed.id, now()).await.unwrap();
+        drop(tx);
+        assert_eq!(store.list_login_attempts(doomed.id, None, 10).await.unwrap().len(), 2);
+
+        let mut tx = store.begin().await.unwrap();
+        tx.delete_user(doomed.id, now()).await.unwrap();
+        tx.commit().await.unwrap();
+
+        assert!(store.list_login_attempts(doomed.id, None, 10).await.unwrap().is_empty());
+        let kept_attempts: Vec<LoginAttempt> =
+            attempts[5..7].iter().rev().map(|(attempt, _)| recorded(attempt)).collect();
+        assert_eq!(store.list_login_attempts(kept.id, None, 10).await.unwrap(), kept_attempts);
+        // Which rows are left, one instant at a time (purging is the only way to see
+        // unmatched attempts).
+        for (attempt, survives) in &attempts {
+            let purged = store.purge_login_attempts(attempt.at + Duration::microseconds(1)).await.unwrap();
+            assert_eq!(purged, u64::from(*survives), "{:?} survives: {survives}", attempt.identifier);
+        }
+    }
 }
 
 /// Start-up must fail fast, as "unavailable", when the server cannot be reached.
@@ -1360,6 +1602,7 @@ mod postgres_specific {
                 user_id: user.id,
                 refresh_hash: Uuid::new_v4().as_bytes().repeat(2),
                 device: DeviceInfo::default(),
+                location: None,
                 created_at,
                 expires_at: created_at + time::Duration::days(1),
             };

@@ -5,7 +5,7 @@ use time::OffsetDateTime;
 use super::pb;
 use crate::{
     auth::IssuedTokens,
-    store::{SessionRecord, UserRecord},
+    store::{AttemptOutcome, Location, LoginAttempt, SessionRecord, UserRecord},
 };
 
 pub fn timestamp(t: OffsetDateTime) -> prost_types::Timestamp {
@@ -38,6 +38,32 @@ pub fn session(session: SessionRecord, current: bool) -> pb::Session {
         last_active_at: Some(timestamp(session.last_active_at)),
         expires_at: Some(timestamp(session.expires_at)),
         current,
+        location: session.location.map(location),
+    }
+}
+
+pub fn location(location: Location) -> pb::Location {
+    pb::Location {
+        country: location.country,
+        city: location.city,
+        latitude: location.latitude.unwrap_or_default(),
+        longitude: location.longitude.unwrap_or_default(),
+    }
+}
+
+pub fn login_attempt(attempt: LoginAttempt) -> pb::LoginAttempt {
+    pb::LoginAttempt {
+        id: attempt.id.to_string(),
+        at: Some(timestamp(attempt.at)),
+        success: attempt.outcome == AttemptOutcome::Success,
+        reason: attempt.reason,
+        identifier: attempt.identifier,
+        ip_address: attempt.device.ip_address,
+        user_agent: attempt.device.user_agent,
+        device_type: attempt.device.device_type,
+        browser: attempt.device.browser,
+        os: attempt.device.os,
+        location: attempt.location.map(location),
     }
 }
 

@@ -72,6 +72,20 @@ impl SessionService for SessionApi {
         Ok(Response::new(pb::RevokeSessionsResponse { revoked_count: count as u32 }))
     }
 
+    async fn list_login_history(
+        &self,
+        request: Request<pb::ListLoginHistoryRequest>,
+    ) -> Result<Response<pb::ListLoginHistoryResponse>, Status> {
+        let principal = self.principal(&request).await?;
+        let r = request.into_inner();
+        let page =
+            self.ctx.auth.login_history(&principal, r.page_size, &r.page_token).await.map_err(to_status)?;
+        Ok(Response::new(pb::ListLoginHistoryResponse {
+            attempts: page.attempts.into_iter().map(convert::login_attempt).collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
+        }))
+    }
+
     async fn revoke_all_sessions(
         &self,
         request: Request<pb::RevokeAllSessionsRequest>,

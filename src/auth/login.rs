@@ -5,7 +5,7 @@ use uuid::Uuid;
 
 use super::{Auth, AuthError, ClientInfo, IssuedTokens, domain::LoginIdentifier, register::now_micros};
 use crate::{
-    store::{NewSession, SessionRecord, UserRecord},
+    store::{AttemptOutcome, NewSession, SessionRecord, UserRecord},
     token::refresh,
 };
 
@@ -21,12 +21,15 @@ pub struct LoginOutcome {
 }
 
 impl Auth {
+    /// Every attempt that names an account or a password is recorded in the login history,
+    /// whatever its outcome.
     pub async fn login(
         &self,
         identifier: &str,
         password: &str,
         client: &ClientInfo,
     ) -> Result<LoginOutcome, AuthError> {
+        let typed = identifier.trim();
         let identifier = LoginIdentifier::parse(identifier)
             .map_err(|e| AuthError::invalid("identifier", format!("identifier {e}")))?;
         if password.is_empty() {
@@ -40,8 +43,11 @@ impl Auth {
         let verified = self.hasher.verify(password, user.as_ref().map(|u| u.password_hash.as_str())).await?;
         let user = match user {
             Some(user) if verified.matches => user,
-            _ => {
+            user => {
                 tracing::info!("login failed: invalid credentials");
+                let user_id = user.map(|u| u.id);
+                self.record_attempt(typed, user_id, AttemptOutcome::Failure, "invalid_credentials", client)
+                    .await;
                 return Err(AuthError::InvalidCredentials);
             }
         };
@@ -50,6 +56,8 @@ impl Auth {
         }
         // Checked after the password, so it tells nothing to someone who does not know it.
         if self.require_verified_email && user.email_verified_at.is_none() {
+            self.record_attempt(typed, Some(user.id), AttemptOutcome::Failure, "email_not_verified", client)
+                .await;
             return Err(AuthError::EmailNotVerified);
         }
 
@@ -62,11 +70,13 @@ impl Auth {
                 user_id: user.id,
                 refresh_hash,
                 device: client.device(),
+                location: None,
                 created_at: now,
                 expires_at: now + self.sessions.absolute_lifetime,
             })
             .await?;
         let tokens = self.issue_tokens(&user, &session, refresh_token, now)?;
+        self.record_attempt(typed, Some(user.id), AttemptOutcome::Success, "ok", client).await;
         tracing::info!(user_id = %user.id, session_id = %session.id, "login succeeded");
         Ok(LoginOutcome { user, session, tokens })
     }

@@ -86,14 +86,20 @@ impl OutboxWorker {
             };
             let full = batch.len() == BATCH as usize;
             let claimed_at = Instant::now();
-            for mail in batch {
+            let mut batch = batch.into_iter();
+            while let Some(mail) = batch.next() {
                 let stopped = tokio::select! {
                     biased;
                     () = stop.as_mut() => true,
                     () = std::future::ready(()) => false,
                 };
                 if stopped {
-                    // The rest of the batch goes after its lease.
+                    // Hand the rest back now rather than leave it leased: the next worker
+                    // (perhaps this process restarted) sends it at once.
+                    let rest: Vec<_> = std::iter::once(mail).chain(batch).map(|m| m.id).collect();
+                    if let Err(error) = self.store.release_mail(&rest, OffsetDateTime::now_utc()).await {
+                        tracing::warn!(error = %error, "outbox: cannot release claimed mail; it goes after its lease");
+                    }
                     return Run::Stopped;
                 }
                 if claimed_at.elapsed() + SEND_TIMEOUT >= LEASE {

@@ -156,6 +156,12 @@ impl Application {
             let drained = drained.clone();
             tokio::spawn(async move { outbox.run(until(drained)).await })
         };
+        let purge_task = {
+            let (auth, drained) = (auth.clone(), drained.clone());
+            let (retention, interval) =
+                (settings.tracking.attempts_retention, settings.tracking.purge_interval);
+            tokio::spawn(async move { auth.purge_history(retention, interval, until(drained)).await })
+        };
         let reconciler_task = {
             let (auth, drained) = (auth.clone(), drained.clone());
             let interval = settings.sessions.revocation_resync_interval;
@@ -222,6 +228,7 @@ impl Application {
         _ = drained_tx.send(true);
         _ = tokio::time::timeout(Duration::from_secs(5), activity_task).await;
         _ = tokio::time::timeout(Duration::from_secs(1), reconciler_task).await;
+        _ = tokio::time::timeout(Duration::from_secs(1), purge_task).await;
         _ = tokio::time::timeout(Duration::from_secs(5), outbox_task).await;
         health_task.abort();
         tracing::info!("portcullis stopped");

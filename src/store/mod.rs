@@ -103,6 +103,21 @@ pub trait Store: Send + Sync + 'static {
     /// Includes the sessions of deleted accounts (kept as tombstones without personal data).
     async fn revoked_since(&self, since: OffsetDateTime) -> Result<Vec<(Uuid, OffsetDateTime)>, StoreError>;
 
+    /// Records one login attempt (success or failure) for the user's history and for audit.
+    async fn record_login_attempt(&self, attempt: &NewLoginAttempt) -> Result<(), StoreError>;
+
+    /// The user's attempts, newest first (by `at`, then id), strictly older than `before`
+    /// when given (keyset pagination), at most `limit`.
+    async fn list_login_attempts(
+        &self,
+        user_id: Uuid,
+        before: Option<(OffsetDateTime, Uuid)>,
+        limit: u32,
+    ) -> Result<Vec<LoginAttempt>, StoreError>;
+
+    /// Deletes attempts older than `cutoff` (retention). Returns how many.
+    async fn purge_login_attempts(&self, cutoff: OffsetDateTime) -> Result<u64, StoreError>;
+
     /// Starts a transaction, for flows that change several things at once: a state change
     /// and the mail that reports it commit together or not at all.
     async fn begin(&self) -> Result<Box<dyn StoreTx>, StoreError>;
@@ -126,6 +141,10 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
         lease: std::time::Duration,
     ) -> Result<Vec<OutboxMail>, StoreError>;
+
+    /// Gives claimed, not-yet-attempted mail back (a worker stopping mid-batch): due at
+    /// once, without counting an attempt. Sent or given-up mail is left alone.
+    async fn release_mail(&self, ids: &[Uuid], now: OffsetDateTime) -> Result<(), StoreError>;
 
     /// Records a delivery, and blanks the body: it holds live links, which must not stay
     /// readable at rest once they have been handed over.
@@ -225,7 +244,8 @@ pub trait StoreTx: Send {
     ) -> Result<Vec<Uuid>, StoreError>;
 
     /// Deletes the account and everything personal about it (sessions, tokens, queued
-    /// mail to it), first recording its live sessions as revocation tombstones (session id
+    /// mail to it, its login attempts — also those that matched no account but named its
+    /// username or email), first recording its live sessions as revocation tombstones (session id
     /// and instant only) so `revoked_since` still re-publishes them. Returns the ids of the
     /// sessions that were live. (Sessions already revoked but unexpired are kept as
     /// tombstones too, at their own revocation instant, but not returned.)
@@ -294,6 +314,60 @@ pub struct OutboxMail {
     pub attempts: u32,
     pub created_at: OffsetDateTime,
     pub last_error: Option<String>,
+}
+
+/// Where an IP address is, per the configured GeoIP database.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Location {
+    /// ISO 3166-1 alpha-2, e.g. `GB`.
+    pub country: String,
+    pub city: String,
+    pub latitude: Option<f64>,
+    pub longitude: Option<f64>,
+}
+
+/// How a login attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    Success,
+    Failure,
+}
+
+impl AttemptOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptOutcome::Success => "success",
+            AttemptOutcome::Failure => "failure",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NewLoginAttempt {
+    pub id: Uuid,
+    pub at: OffsetDateTime,
+    /// What was typed as username or email (bounded), kept for audit even when it matched
+    /// no account.
+    pub identifier: String,
+    /// The account it matched, if any.
+    pub user_id: Option<Uuid>,
+    pub outcome: AttemptOutcome,
+    /// A stable code: `ok`, `invalid_credentials`, `email_not_verified`, …
+    pub reason: String,
+    pub device: DeviceInfo,
+    pub location: Option<Location>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoginAttempt {
+    pub id: Uuid,
+    pub at: OffsetDateTime,
+    pub identifier: String,
+    pub user_id: Option<Uuid>,
+    pub outcome: AttemptOutcome,
+    pub reason: String,
+    pub device: DeviceInfo,
+    pub location: Option<Location>,
 }
 
 /// Profile fields to change; `None` leaves a field as it is.
@@ -416,6 +490,7 @@ pub struct NewSession {
     /// SHA-256 of the refresh token; the token itself is never stored.
     pub refresh_hash: Vec<u8>,
     pub device: DeviceInfo,
+    pub location: Option<Location>,
     pub created_at: OffsetDateTime,
     /// The absolute end of the session.
     pub expires_at: OffsetDateTime,
@@ -426,6 +501,7 @@ pub struct SessionRecord {
     pub id: Uuid,
     pub user_id: Uuid,
     pub device: DeviceInfo,
+    pub location: Option<Location>,
     pub created_at: OffsetDateTime,
     pub last_active_at: OffsetDateTime,
     /// Last login or refresh: the idle timeout counts from here.

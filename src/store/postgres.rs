@@ -11,9 +11,9 @@ use time::{OffsetDateTime, PrimitiveDateTime};
 use uuid::Uuid;
 
 use super::{
-    DeviceInfo, NewMail, NewOneTimeToken, NewSession, NewUser, OutboxMail, ProfileChanges, RefreshRotation,
-    RevokeReason, RotateOutcome, SessionRecord, SpentToken, Store, StoreError, StoreTx, TokenPurpose,
-    UserRecord,
+    AttemptOutcome, DeviceInfo, Location, LoginAttempt, NewLoginAttempt, NewMail, NewOneTimeToken,
+    NewSession, NewUser, OutboxMail, ProfileChanges, RefreshRotation, RevokeReason, RotateOutcome,
+    SessionRecord, SpentToken, Store, StoreError, StoreTx, TokenPurpose, UserRecord,
 };
 
 /// The columns [`user_from_row`] reads, as a literal so queries can `concat!` it.
@@ -28,7 +28,15 @@ macro_rules! user_columns {
 macro_rules! session_columns {
     () => {
         "id, user_id, device_type, browser, os, user_agent, ip_address, device_fingerprint, \
-         created_at, last_active_at, refreshed_at, expires_at, revoked_at"
+         created_at, last_active_at, refreshed_at, expires_at, revoked_at, country, city, latitude, longitude"
+    };
+}
+
+/// The columns [`attempt_from_row`] reads.
+macro_rules! attempt_columns {
+    () => {
+        "id, at, identifier, user_id, outcome, reason, ip_address, user_agent, device_fingerprint, \
+         device_type, browser, os, country, city, latitude, longitude"
     };
 }
 
@@ -84,6 +92,15 @@ impl PostgresStore {
                 "mail tokens profile".into(),
                 MigrationType::Simple,
                 SqlStr::from_static(include_str!("../../migrations/postgres/0002_mail_tokens_profile.sql")),
+                false,
+            ),
+            Migration::new(
+                3,
+                "login attempts and locations".into(),
+                MigrationType::Simple,
+                SqlStr::from_static(include_str!(
+                    "../../migrations/postgres/0003_login_attempts_and_locations.sql"
+                )),
                 false,
             ),
         ])
@@ -152,10 +169,12 @@ impl Store for PostgresStore {
 
     async fn create_session(&self, session: &NewSession) -> Result<SessionRecord, StoreError> {
         let device = &session.device;
+        let location = session.location.as_ref();
         let row = sqlx::query(concat!(
             "INSERT INTO sessions (id, user_id, refresh_hash, device_type, browser, os, user_agent, \
-             ip_address, device_fingerprint, created_at, last_active_at, refreshed_at, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $10, $11) RETURNING ",
+             ip_address, device_fingerprint, created_at, last_active_at, refreshed_at, expires_at, \
+             country, city, latitude, longitude) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $10, $11, $12, $13, $14, $15) RETURNING ",
             session_columns!()
         ))
         .bind(session.id)
@@ -169,6 +188,10 @@ impl Store for PostgresStore {
         .bind(&device.fingerprint)
         .bind(session.created_at)
         .bind(session.expires_at)
+        .bind(location.map(|l| l.country.as_str()))
+        .bind(location.map(|l| l.city.as_str()))
+        .bind(location.and_then(|l| l.latitude))
+        .bind(location.and_then(|l| l.longitude))
         .fetch_one(&self.pool)
         .await?;
         session_from_row(&row)
@@ -342,6 +365,73 @@ impl Store for PostgresStore {
         rows.iter().map(|row| Ok((get(row, "id")?, get(row, "revoked_at")?))).collect()
     }
 
+    async fn record_login_attempt(&self, attempt: &NewLoginAttempt) -> Result<(), StoreError> {
+        let device = &attempt.device;
+        let location = attempt.location.as_ref();
+        sqlx::query(
+            "INSERT INTO login_attempts (id, at, identifier, identifier_key, user_id, outcome, reason, \
+             ip_address, user_agent, device_fingerprint, device_type, browser, os, \
+             country, city, latitude, longitude) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+        )
+        .bind(attempt.id)
+        .bind(attempt.at)
+        .bind(&attempt.identifier)
+        .bind(identifier_key(&attempt.identifier))
+        .bind(attempt.user_id)
+        .bind(attempt.outcome.as_str())
+        .bind(&attempt.reason)
+        .bind(&device.ip_address)
+        .bind(&device.user_agent)
+        .bind(&device.fingerprint)
+        .bind(&device.device_type)
+        .bind(&device.browser)
+        .bind(&device.os)
+        .bind(location.map(|l| l.country.as_str()))
+        .bind(location.map(|l| l.city.as_str()))
+        .bind(location.and_then(|l| l.latitude))
+        .bind(location.and_then(|l| l.longitude))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_login_attempts(
+        &self,
+        user_id: Uuid,
+        before: Option<(OffsetDateTime, Uuid)>,
+        limit: u32,
+    ) -> Result<Vec<LoginAttempt>, StoreError> {
+        // Keyset pagination on (at, id), read backwards along login_attempts_user_at_idx.
+        let query = match before {
+            None => sqlx::query(concat!(
+                "SELECT ",
+                attempt_columns!(),
+                " FROM login_attempts WHERE user_id = $1 ORDER BY at DESC, id DESC LIMIT $2"
+            ))
+            .bind(user_id)
+            .bind(i64::from(limit)),
+            Some((at, id)) => sqlx::query(concat!(
+                "SELECT ",
+                attempt_columns!(),
+                " FROM login_attempts WHERE user_id = $1 AND (at, id) < ($2, $3) \
+                 ORDER BY at DESC, id DESC LIMIT $4"
+            ))
+            .bind(user_id)
+            .bind(at)
+            .bind(id)
+            .bind(i64::from(limit)),
+        };
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter().map(attempt_from_row).collect()
+    }
+
+    async fn purge_login_attempts(&self, cutoff: OffsetDateTime) -> Result<u64, StoreError> {
+        let purged =
+            sqlx::query("DELETE FROM login_attempts WHERE at < $1").bind(cutoff).execute(&self.pool).await?;
+        Ok(purged.rows_affected())
+    }
+
     async fn begin(&self) -> Result<Box<dyn StoreTx>, StoreError> {
         Ok(Box::new(PostgresTx { tx: self.pool.begin().await? }))
     }
@@ -389,6 +479,18 @@ impl Store for PostgresStore {
         let mut mails = rows.iter().map(mail_from_row).collect::<Result<Vec<_>, _>>()?;
         mails.sort_by_key(|mail| (mail.created_at, mail.id));
         Ok(mails)
+    }
+
+    async fn release_mail(&self, ids: &[Uuid], now: OffsetDateTime) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE outbox SET next_attempt_at = $2 \
+             WHERE id = ANY($1) AND sent_at IS NULL AND gave_up_at IS NULL",
+        )
+        .bind(ids)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     async fn mail_sent(&self, id: Uuid, now: OffsetDateTime) -> Result<(), StoreError> {
@@ -626,10 +728,11 @@ impl StoreTx for PostgresTx {
         // Lock the user first: a login creating a session meanwhile (its INSERT takes a key
         // share lock on the user row) then either committed before, and the statements below
         // (each with a fresh snapshot) see its session, or waits and fails on the deleted key.
-        sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE")
-            .bind(user_id)
-            .execute(&mut *self.tx)
-            .await?;
+        let keys: Option<(String, String)> =
+            sqlx::query_as("SELECT username_key, email_key FROM users WHERE id = $1 FOR UPDATE")
+                .bind(user_id)
+                .fetch_optional(&mut *self.tx)
+                .await?;
         // Sessions revoked but not yet expired keep their revocation instant: their access
         // tokens may be alive too, and must still be re-published.
         sqlx::query(
@@ -651,7 +754,16 @@ impl StoreTx for PostgresTx {
         .bind(now)
         .fetch_all(&mut *self.tx)
         .await?;
-        // Sessions, tokens and queued mail go with the user (ON DELETE CASCADE).
+        // The attempts that matched no account but named this one's username or email.
+        if let Some((username_key, email_key)) = keys {
+            sqlx::query("DELETE FROM login_attempts WHERE user_id IS NULL AND identifier_key IN ($1, $2)")
+                .bind(identifier_key(&username_key))
+                .bind(identifier_key(&email_key))
+                .execute(&mut *self.tx)
+                .await?;
+        }
+        // Sessions, tokens, queued mail and login attempts go with the user (ON DELETE
+        // CASCADE).
         sqlx::query("DELETE FROM users WHERE id = $1").bind(user_id).execute(&mut *self.tx).await?;
         Ok(live)
     }
@@ -814,6 +926,56 @@ fn session_from_row(row: &PgRow) -> Result<SessionRecord, StoreError> {
         refreshed_at: get(row, "refreshed_at")?,
         expires_at: get(row, "expires_at")?,
         revoked_at: get(row, "revoked_at")?,
+        location: location_from_row(row)?,
+    })
+}
+
+/// The case-folded form of a login identifier, as stored in `identifier_key`: the same
+/// folding as the login lookup (trimmed, lower case), applied also to the users' keys when
+/// an account's attempts are deleted, so they match case-insensitively.
+fn identifier_key(identifier: &str) -> String {
+    identifier.trim().to_lowercase()
+}
+
+/// `None` when every location column is NULL; otherwise the values as stored.
+fn location_from_row(row: &PgRow) -> Result<Option<Location>, StoreError> {
+    let country: Option<String> = get(row, "country")?;
+    let city: Option<String> = get(row, "city")?;
+    let latitude: Option<f64> = get(row, "latitude")?;
+    let longitude: Option<f64> = get(row, "longitude")?;
+    if country.is_none() && city.is_none() && latitude.is_none() && longitude.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(Location {
+        country: country.unwrap_or_default(),
+        city: city.unwrap_or_default(),
+        latitude,
+        longitude,
+    }))
+}
+
+fn attempt_from_row(row: &PgRow) -> Result<LoginAttempt, StoreError> {
+    let outcome: String = get(row, "outcome")?;
+    Ok(LoginAttempt {
+        id: get(row, "id")?,
+        at: get(row, "at")?,
+        identifier: get(row, "identifier")?,
+        user_id: get(row, "user_id")?,
+        outcome: match outcome.as_str() {
+            "success" => AttemptOutcome::Success,
+            "failure" => AttemptOutcome::Failure,
+            other => return Err(StoreError::Corrupt(format!("column outcome: unknown outcome {other:?}"))),
+        },
+        reason: get(row, "reason")?,
+        device: DeviceInfo {
+            device_type: get(row, "device_type")?,
+            browser: get(row, "browser")?,
+            os: get(row, "os")?,
+            user_agent: get(row, "user_agent")?,
+            ip_address: get(row, "ip_address")?,
+            fingerprint: get(row, "device_fingerprint")?,
+        },
+        location: location_from_row(row)?,
     })
 }
 

@@ -29,6 +29,7 @@ on_both_backends!(
     delete_account_needs_the_password_and_removes_the_account,
     a_password_reset_kills_a_pending_email_change,
     mail_queued_while_smtp_is_down_arrives_when_it_is_back,
+    mail_queued_before_a_restart_is_sent_after_it,
 );
 
 const BASE: &str = "https://app.example.test";
@@ -488,6 +489,21 @@ async fn mail_queued_while_smtp_is_down_arrives_when_it_is_back(backend: Backend
         link_token(&mails[0], "/verify-email");
     }
     no_more_mail(&sink, "nils@example.com", 1).await;
+}
+
+async fn mail_queued_before_a_restart_is_sent_after_it(backend: Backend) {
+    let Some((app, mut sink)) = spawn_app_with_mail(backend, |_| {}).await else { return };
+    let port = sink.port();
+    sink.stop();
+    app.register("quin").await;
+    let (settings, data) = (app.settings.clone(), app.data_handle());
+    app.shutdown().await.unwrap();
+
+    // A new process on the same database, with the SMTP server back.
+    let sink = SmtpSink::start_on(port).expect("restart the SMTP server");
+    let app = crate::harness::spawn_with_settings(settings, data).await;
+    let mail = mails_to(&sink, "quin@example.com", 1).await.remove(0);
+    verify(&app, &link_token(&mail, "/verify-email")).await.expect("the link from before the restart works");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
