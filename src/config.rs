@@ -47,6 +47,9 @@ pub struct TrackingSettings {
     /// How often the retention purge runs.
     #[serde(with = "humantime_serde")]
     pub purge_interval: Duration,
+    /// A MaxMind GeoIP2/GeoLite2 City database (`.mmdb`): when set, login attempts and
+    /// sessions record country, city and coordinates.
+    pub geoip_database: Option<PathBuf>,
 }
 
 impl Default for TrackingSettings {
@@ -54,6 +57,7 @@ impl Default for TrackingSettings {
         TrackingSettings {
             attempts_retention: Duration::from_secs(90 * 24 * 3600),
             purge_interval: Duration::from_secs(3600),
+            geoip_database: None,
         }
     }
 }

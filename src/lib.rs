@@ -9,6 +9,7 @@ pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod geo;
 pub mod hot;
 pub mod mail;
 pub mod password;

@@ -40,11 +40,16 @@ impl Auth {
             outcome,
             reason: reason.to_string(),
             device: client.device(),
-            location: None,
+            location: self.locate(client),
         };
         if let Err(error) = self.store.record_login_attempt(&attempt).await {
             tracing::warn!(error = ?error, "cannot record a login attempt");
         }
+    }
+
+    /// Where the client is, when a GeoIP database is configured and knows its address.
+    pub(crate) fn locate(&self, client: &ClientInfo) -> Option<crate::store::Location> {
+        self.geo.as_ref().zip(client.ip).and_then(|(geo, ip)| geo.locate(ip))
     }
 
     /// The caller's attempts, newest first, `page_size` at a time (0: the default).

@@ -70,7 +70,7 @@ impl Auth {
                 user_id: user.id,
                 refresh_hash,
                 device: client.device(),
-                location: None,
+                location: self.locate(client),
                 created_at: now,
                 expires_at: now + self.sessions.absolute_lifetime,
             })

@@ -64,6 +64,7 @@ pub struct Auth {
     require_verified_email: bool,
     /// Bounds the work done after answering (reset and verification mails).
     background: std::sync::Arc<tokio::sync::Semaphore>,
+    geo: Option<crate::geo::GeoIp>,
 }
 
 /// At most this many post-answer jobs at once.
@@ -106,6 +107,7 @@ pub struct AuthParts {
     pub mail: MailSettings,
     pub outbox: std::sync::Arc<tokio::sync::Notify>,
     pub require_verified_email: bool,
+    pub geo: Option<crate::geo::GeoIp>,
 }
 
 impl Auth {
@@ -128,6 +130,7 @@ impl Auth {
             outbox: parts.outbox,
             require_verified_email: parts.require_verified_email,
             background: std::sync::Arc::new(tokio::sync::Semaphore::new(BACKGROUND_JOBS)),
+            geo: parts.geo,
         }
     }
 

@@ -81,6 +81,7 @@ async fn harness(sessions: SessionSettings) -> Harness {
         mail: crate::config::MailSettings::default(),
         outbox: Arc::new(tokio::sync::Notify::new()),
         require_verified_email: false,
+        geo: None,
     });
     Harness { auth: Arc::new(auth), hot, _keys: keys }
 }

@@ -98,6 +98,10 @@ impl Application {
         )
         .await?;
 
+        let geo = match &settings.tracking.geoip_database {
+            Some(path) => Some(crate::geo::GeoIp::open(path)?),
+            None => None,
+        };
         let activity = Arc::new(ActivityRecorder::default());
         let transport = transport_from_settings(&settings).context("cannot set up mail delivery")?;
         let outbox = OutboxWorker::new(store.clone(), transport, settings.mail.clone());
@@ -113,6 +117,7 @@ impl Application {
             mail: settings.mail.clone(),
             outbox: outbox.waker(),
             require_verified_email: settings.login.require_verified_email,
+            geo,
         }));
         let republished = auth.republish_recent_revocations().await.context("cannot publish revocations")?;
         tracing::debug!(republished, "recent revocations published to the hot state");

@@ -10,6 +10,7 @@ mod bad_tokens;
 mod chaos;
 mod concurrency;
 mod email;
+mod geo;
 mod history;
 mod login;
 mod operations;
