@@ -90,6 +90,9 @@ pub struct MailSettings {
     /// How long a password-reset link works.
     #[serde(with = "humantime_serde")]
     pub reset_ttl: Duration,
+    /// How long the "this wasn't me" link of a new-device alert works.
+    #[serde(with = "humantime_serde")]
+    pub unrecognized_login_ttl: Duration,
     /// How often the outbox worker looks for mail to send when it was not woken.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
@@ -331,6 +334,7 @@ impl Default for MailSettings {
             frontend_base_url: "http://localhost:3000".into(),
             verification_ttl: Duration::from_secs(24 * 3600),
             reset_ttl: Duration::from_secs(15 * 60),
+            unrecognized_login_ttl: Duration::from_secs(7 * 24 * 3600),
             poll_interval: Duration::from_secs(2),
             max_attempts: 12,
             initial_backoff: Duration::from_secs(5),
@@ -422,6 +426,7 @@ impl Settings {
             ("tracking.purge_interval", self.tracking.purge_interval),
             ("mail.verification_ttl", self.mail.verification_ttl),
             ("mail.reset_ttl", self.mail.reset_ttl),
+            ("mail.unrecognized_login_ttl", self.mail.unrecognized_login_ttl),
             ("mail.poll_interval", self.mail.poll_interval),
             ("mail.initial_backoff", self.mail.initial_backoff),
         ] {

@@ -94,6 +94,7 @@ conformance!(
     outbox_rolled_back_leaves_nothing,
     claim_lease_and_sent,
     released_mail_is_due_at_once_without_an_attempt,
+    devices_are_new_once_and_the_first_is_marked,
     claim_limit_oldest_first,
     mail_failed_retries_then_gives_up,
     concurrent_claimers_never_share_a_mail,
@@ -686,6 +687,33 @@ mod cases {
                 assert_eq!(found.last_active_at, at, "round {round}");
             }
         }
+    }
+
+    pub async fn devices_are_new_once_and_the_first_is_marked(store: DynStore) {
+        use portcullis::store::DeviceSighting;
+        let owner = user(&store, "hopper").await;
+        let other = user(&store, "lovelace").await;
+        let t = now();
+        let laptop = [1u8; 32];
+        assert_eq!(
+            store.remember_device(owner.id, &laptop, t).await.unwrap(),
+            DeviceSighting::New { first_device: true }
+        );
+        assert_eq!(store.remember_device(owner.id, &laptop, t).await.unwrap(), DeviceSighting::Known);
+        assert_eq!(
+            store.remember_device(other.id, &laptop, t).await.unwrap(),
+            DeviceSighting::New { first_device: true },
+            "devices are per user"
+        );
+        // 10 concurrent first sightings of one new device: exactly one is new.
+        let phone = [2u8; 32];
+        let sightings = futures_util::future::join_all((0..10).map(|_| {
+            let store = store.clone();
+            async move { store.remember_device(owner.id, &phone, t).await.unwrap() }
+        }))
+        .await;
+        let new: Vec<_> = sightings.iter().filter(|s| **s != DeviceSighting::Known).collect();
+        assert_eq!(new, vec![&DeviceSighting::New { first_device: false }]);
     }
 
     pub async fn revoked_sessions_of(store: DynStore) {

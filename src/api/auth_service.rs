@@ -92,6 +92,16 @@ impl AuthService for AuthApi {
         Ok(Response::new(pb::LogoutResponse {}))
     }
 
+    async fn report_unrecognized_login(
+        &self,
+        request: Request<pb::ReportUnrecognizedLoginRequest>,
+    ) -> Result<Response<pb::ReportUnrecognizedLoginResponse>, Status> {
+        let client = client_info(&request, request.get_ref().client.as_ref(), &self.ctx.trusted_proxies)
+            .map_err(to_status)?;
+        self.ctx.auth.disown_login(&request.into_inner().token, &client).await.map_err(to_status)?;
+        Ok(Response::new(pb::ReportUnrecognizedLoginResponse {}))
+    }
+
     async fn validate_token(
         &self,
         request: Request<pb::ValidateTokenRequest>,

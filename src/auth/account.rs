@@ -4,7 +4,7 @@
 use super::{
     Auth, AuthError, ClientInfo, FieldViolation, Principal,
     domain::{Bio, Email, PersonName, Phone},
-    mail::{activity, greeting_name},
+    mail::greeting_name,
     register::now_micros,
 };
 use crate::{
@@ -143,7 +143,8 @@ impl Auth {
         let confirm = self.templates.confirm_new_email("", &token, self.mail.verification_ttl);
         self.queue_mail(tx, Some(user.id), email.as_str(), confirm).await?;
         let masked = mask_email(email.as_str());
-        let notice = self.templates.email_change_requested(greeting_name(user), &masked, &activity(client));
+        let notice =
+            self.templates.email_change_requested(greeting_name(user), &masked, &self.activity(client));
         self.queue_mail(tx, Some(user.id), &user.email, notice).await
     }
 

@@ -77,6 +77,7 @@ impl Auth {
             .await?;
         let tokens = self.issue_tokens(&user, &session, refresh_token, now)?;
         self.record_attempt(typed, Some(user.id), AttemptOutcome::Success, "ok", client).await;
+        self.note_device(&user, client).await;
         tracing::info!(user_id = %user.id, session_id = %session.id, "login succeeded");
         Ok(LoginOutcome { user, session, tokens })
     }

@@ -66,18 +66,27 @@ pub(crate) fn greeting_name(user: &UserRecord) -> &str {
     if user.first_name.is_empty() { &user.username } else { &user.first_name }
 }
 
-/// The request's time, IP and device, for mails about account activity.
-pub(crate) fn activity(client: &ClientInfo) -> Activity {
-    let device = client.device();
-    let described = match (device.browser.as_str(), device.os.as_str()) {
-        ("", "") => "an unknown device".to_string(),
-        (browser, "") => browser.to_string(),
-        ("", os) => os.to_string(),
-        (browser, os) => format!("{browser} on {os}"),
-    };
-    Activity {
-        at: OffsetDateTime::now_utc(),
-        ip: if device.ip_address.is_empty() { "an unknown address".into() } else { device.ip_address },
-        device: described,
+impl Auth {
+    /// The request's time, IP, device and (with a GeoIP database) location, for mails about
+    /// account activity.
+    pub(crate) fn activity(&self, client: &ClientInfo) -> Activity {
+        let device = client.device();
+        let described = match (device.browser.as_str(), device.os.as_str()) {
+            ("", "") => "an unknown device".to_string(),
+            (browser, "") => browser.to_string(),
+            ("", os) => os.to_string(),
+            (browser, os) => format!("{browser} on {os}"),
+        };
+        let location = match self.locate(client) {
+            Some(l) if !l.city.is_empty() => format!("{}, {}", l.city, l.country),
+            Some(l) => l.country,
+            None => String::new(),
+        };
+        Activity {
+            at: OffsetDateTime::now_utc(),
+            ip: if device.ip_address.is_empty() { "an unknown address".into() } else { device.ip_address },
+            device: described,
+            location,
+        }
     }
 }

@@ -4,6 +4,7 @@
 mod account;
 pub mod activity;
 pub mod client;
+mod devices;
 pub mod domain;
 pub mod error;
 mod history;

@@ -13,9 +13,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    Auth, AuthError, ClientInfo, Principal,
-    domain::LoginIdentifier,
-    mail::{activity, greeting_name},
+    Auth, AuthError, ClientInfo, Principal, domain::LoginIdentifier, mail::greeting_name,
     register::now_micros,
 };
 use crate::{
@@ -67,7 +65,7 @@ impl Auth {
             greeting_name(&user),
             &token,
             self.mail.reset_ttl,
-            &activity(client),
+            &self.activity(client),
         );
         // The address on file, whatever the request said.
         self.queue_mail(&mut tx, Some(user.id), &user.email, mail).await?;
@@ -102,7 +100,7 @@ impl Auth {
         tx.set_password_hash(user.id, &password_hash, now).await?;
         self.kill_account_links(&mut tx, user.id, now).await?;
         let revoked = tx.revoke_user_sessions(user.id, None, RevokeReason::PasswordReset, now).await?;
-        let mail = self.templates.password_changed(greeting_name(&user), &activity(client));
+        let mail = self.templates.password_changed(greeting_name(&user), &self.activity(client));
         self.queue_mail(&mut tx, Some(user.id), &user.email, mail).await?;
         self.commit_with_mail(tx).await?;
         tracing::info!(user_id = %user.id, sessions = revoked.len(), "password reset");
@@ -139,7 +137,7 @@ impl Auth {
         let revoked = tx
             .revoke_user_sessions(user.id, Some(principal.session_id), RevokeReason::PasswordChanged, now)
             .await?;
-        let mail = self.templates.password_changed(greeting_name(&user), &activity(client));
+        let mail = self.templates.password_changed(greeting_name(&user), &self.activity(client));
         self.queue_mail(&mut tx, Some(user.id), &user.email, mail).await?;
         self.commit_with_mail(tx).await?;
         tracing::info!(user_id = %user.id, sessions = revoked.len(), "password changed");

@@ -45,6 +45,7 @@ impl Auth {
                         .revoke_session(session.user_id, session.id, RevokeReason::RefreshTokenReuse, now)
                         .await?;
                     self.publish_revocations(&[session.id]).await?;
+                    self.mail_refresh_reuse(&session).await;
                 }
                 Err(AuthError::InvalidRefreshToken)
             }

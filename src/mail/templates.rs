@@ -40,6 +40,8 @@ pub struct Activity {
     pub ip: String,
     /// A readable description, e.g. "Firefox on Linux".
     pub device: String,
+    /// Where the IP address is, e.g. "London, GB"; empty when unknown.
+    pub location: String,
 }
 
 impl Templates {
@@ -173,6 +175,47 @@ impl Templates {
         mail.finish(format!("Your {product} email address was changed"), product)
     }
 
+    /// Sent when an account logs in from a device it has not used before, with a link that
+    /// ends every session and starts a password reset if it was not the owner.
+    pub fn new_device_login(
+        &self,
+        name: &str,
+        token: &str,
+        valid_for: Duration,
+        activity: &Activity,
+    ) -> Rendered {
+        let product = &self.product_name;
+        let mut mail = Body::new(name);
+        mail.paragraph(&format!("Your {product} account was just signed in to from a new device:"));
+        mail.activity(activity);
+        mail.paragraph("If this was you, there is nothing to do.");
+        mail.paragraph(&format!(
+            "If it wasn't you, use this link: it signs out every device and sends you a link to \
+             choose a new password. It works once, for {}.",
+            human_duration(valid_for)
+        ));
+        mail.link("This wasn't me", &self.link("unrecognized-login", token));
+        mail.finish(format!("New sign-in to your {product} account"), product)
+    }
+
+    /// Sent when a refresh token that was already used comes back: a sign it was copied.
+    /// The session it belonged to has been ended.
+    pub fn refresh_token_reused(&self, name: &str, session_device: &str) -> Rendered {
+        let product = &self.product_name;
+        let mut mail = Body::new(name);
+        mail.paragraph(&format!(
+            "A sign-in token of your {product} account was used twice, which happens when it has \
+             been copied. To be safe we signed out that session ({}).",
+            clean(session_device)
+        ));
+        mail.paragraph(&format!(
+            "Sign in again on that device. If you don't recognise it, change your password \
+             (\"Forgot password\" on the {product} sign-in page) and review your active sessions."
+        ));
+        mail.link(&format!("Open {product}"), &self.frontend_base_url);
+        mail.finish(format!("We signed out one of your {product} sessions"), product)
+    }
+
     /// `{base}/{path}?token={token}`, the token percent-encoded.
     fn link(&self, path: &str, token: &str) -> String {
         format!("{}/{path}?token={}", self.frontend_base_url, percent_encode(token))
@@ -226,11 +269,14 @@ impl Body {
     }
 
     fn activity(&mut self, activity: &Activity) {
-        let rows = [
+        let mut rows = vec![
             ("When", format_instant(activity.at)),
             ("IP address", clean(&activity.ip)),
             ("Device", clean(&activity.device)),
         ];
+        if !activity.location.is_empty() {
+            rows.push(("Location", clean(&activity.location)));
+        }
         self.html.push_str("<ul>\n");
         for (label, value) in rows {
             let _ = writeln!(self.text, "  {label}: {value}");
@@ -342,6 +388,7 @@ mod tests {
             at: datetime!(2026-11-23 15:05:09 +01:00),
             ip: "203.0.113.7".into(),
             device: "Firefox <b>on</b> Linux".into(),
+            location: "London, GB".into(),
         }
     }
 

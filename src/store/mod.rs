@@ -142,6 +142,15 @@ pub trait Store: Send + Sync + 'static {
         lease: std::time::Duration,
     ) -> Result<Vec<OutboxMail>, StoreError>;
 
+    /// Notes that `user_id` logged in from the device with this key (a hash) and says
+    /// whether it was new: of concurrent first sightings exactly one is `New`.
+    async fn remember_device(
+        &self,
+        user_id: Uuid,
+        device_key: &[u8],
+        now: OffsetDateTime,
+    ) -> Result<DeviceSighting, StoreError>;
+
     /// Gives claimed, not-yet-attempted mail back (a worker stopping mid-batch): due at
     /// once, without counting an attempt. Sent or given-up mail is left alone.
     async fn release_mail(&self, ids: &[Uuid], now: OffsetDateTime) -> Result<(), StoreError>;
@@ -261,6 +270,8 @@ pub enum TokenPurpose {
     ResetPassword,
     /// Confirms a new address; the token carries it.
     ChangeEmail,
+    /// "This wasn't me", from a new-device alert: ends every session, starts a reset.
+    DisownLogin,
 }
 
 impl TokenPurpose {
@@ -269,6 +280,7 @@ impl TokenPurpose {
             TokenPurpose::VerifyEmail => "verify_email",
             TokenPurpose::ResetPassword => "reset_password",
             TokenPurpose::ChangeEmail => "change_email",
+            TokenPurpose::DisownLogin => "disown_login",
         }
     }
 }
@@ -314,6 +326,17 @@ pub struct OutboxMail {
     pub attempts: u32,
     pub created_at: OffsetDateTime,
     pub last_error: Option<String>,
+}
+
+/// Whether a login came from a device the user had used before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSighting {
+    Known,
+    /// First time from this device; `first_device` when the user had no device at all yet
+    /// (their very first login, which warrants no alert).
+    New {
+        first_device: bool,
+    },
 }
 
 /// Where an IP address is, per the configured GeoIP database.
@@ -553,6 +576,8 @@ pub enum RevokeReason {
     PasswordReset,
     PasswordChanged,
     AccountDeleted,
+    /// The owner followed "this wasn't me" from a new-device alert.
+    LoginDisowned,
 }
 
 impl RevokeReason {
@@ -564,6 +589,7 @@ impl RevokeReason {
             RevokeReason::PasswordReset => "password_reset",
             RevokeReason::PasswordChanged => "password_changed",
             RevokeReason::AccountDeleted => "account_deleted",
+            RevokeReason::LoginDisowned => "login_disowned",
         }
     }
 }

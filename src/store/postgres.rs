@@ -11,9 +11,9 @@ use time::{OffsetDateTime, PrimitiveDateTime};
 use uuid::Uuid;
 
 use super::{
-    AttemptOutcome, DeviceInfo, Location, LoginAttempt, NewLoginAttempt, NewMail, NewOneTimeToken,
-    NewSession, NewUser, OutboxMail, ProfileChanges, RefreshRotation, RevokeReason, RotateOutcome,
-    SessionRecord, SpentToken, Store, StoreError, StoreTx, TokenPurpose, UserRecord,
+    AttemptOutcome, DeviceInfo, DeviceSighting, Location, LoginAttempt, NewLoginAttempt, NewMail,
+    NewOneTimeToken, NewSession, NewUser, OutboxMail, ProfileChanges, RefreshRotation, RevokeReason,
+    RotateOutcome, SessionRecord, SpentToken, Store, StoreError, StoreTx, TokenPurpose, UserRecord,
 };
 
 /// The columns [`user_from_row`] reads, as a literal so queries can `concat!` it.
@@ -101,6 +101,13 @@ impl PostgresStore {
                 SqlStr::from_static(include_str!(
                     "../../migrations/postgres/0003_login_attempts_and_locations.sql"
                 )),
+                false,
+            ),
+            Migration::new(
+                4,
+                "known devices".into(),
+                MigrationType::Simple,
+                SqlStr::from_static(include_str!("../../migrations/postgres/0004_known_devices.sql")),
                 false,
             ),
         ])
@@ -479,6 +486,39 @@ impl Store for PostgresStore {
         let mut mails = rows.iter().map(mail_from_row).collect::<Result<Vec<_>, _>>()?;
         mails.sort_by_key(|mail| (mail.created_at, mail.id));
         Ok(mails)
+    }
+
+    async fn remember_device(
+        &self,
+        user_id: Uuid,
+        device_key: &[u8],
+        now: OffsetDateTime,
+    ) -> Result<DeviceSighting, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Of concurrent first sightings, exactly one inserts (and alerts).
+        let inserted = sqlx::query(
+            "INSERT INTO known_devices (user_id, device_key, first_seen, last_seen) VALUES ($1, $2, $3, $3) \
+             ON CONFLICT (user_id, device_key) DO UPDATE SET last_seen = EXCLUDED.last_seen \
+             RETURNING (xmax = 0) AS inserted",
+        )
+        .bind(user_id)
+        .bind(device_key)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        let inserted: bool = get(&inserted, "inserted")?;
+        let sighting = if inserted {
+            let others = sqlx::query("SELECT EXISTS (SELECT 1 FROM known_devices WHERE user_id = $1 AND device_key <> $2) AS others")
+                .bind(user_id)
+                .bind(device_key)
+                .fetch_one(&mut *tx)
+                .await?;
+            DeviceSighting::New { first_device: !get::<bool>(&others, "others")? }
+        } else {
+            DeviceSighting::Known
+        };
+        tx.commit().await?;
+        Ok(sighting)
     }
 
     async fn release_mail(&self, ids: &[Uuid], now: OffsetDateTime) -> Result<(), StoreError> {

@@ -22,9 +22,9 @@ use time::{OffsetDateTime, PrimitiveDateTime};
 use uuid::Uuid;
 
 use super::{
-    AttemptOutcome, DeviceInfo, Location, LoginAttempt, NewLoginAttempt, NewMail, NewOneTimeToken,
-    NewSession, NewUser, OutboxMail, ProfileChanges, RefreshRotation, RevokeReason, RotateOutcome,
-    SessionRecord, SpentToken, Store, StoreError, StoreTx, TokenPurpose, UserRecord,
+    AttemptOutcome, DeviceInfo, DeviceSighting, Location, LoginAttempt, NewLoginAttempt, NewMail,
+    NewOneTimeToken, NewSession, NewUser, OutboxMail, ProfileChanges, RefreshRotation, RevokeReason,
+    RotateOutcome, SessionRecord, SpentToken, Store, StoreError, StoreTx, TokenPurpose, UserRecord,
 };
 
 /// The columns [`user_from_row`] reads, as a literal so queries can `concat!` it.
@@ -145,6 +145,13 @@ impl SqliteStore {
                 SqlStr::from_static(include_str!(
                     "../../migrations/sqlite/0003_login_attempts_and_locations.sql"
                 )),
+                false,
+            ),
+            Migration::new(
+                4,
+                "known devices".into(),
+                MigrationType::Simple,
+                SqlStr::from_static(include_str!("../../migrations/sqlite/0004_known_devices.sql")),
                 false,
             ),
         ])
@@ -501,6 +508,47 @@ impl Store for SqliteStore {
         let mut mails = rows.iter().map(mail_from_row).collect::<Result<Vec<_>, _>>()?;
         mails.sort_by_key(|mail| (mail.created_at, mail.id));
         Ok(mails)
+    }
+
+    async fn remember_device(
+        &self,
+        user_id: Uuid,
+        device_key: &[u8],
+        now: OffsetDateTime,
+    ) -> Result<DeviceSighting, StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        // Of concurrent first sightings, exactly one inserts (and alerts).
+        let inserted = sqlx::query(
+            "INSERT INTO known_devices (user_id, device_key, first_seen, last_seen) VALUES ($1, $2, $3, $3) \
+             ON CONFLICT (user_id, device_key) DO NOTHING",
+        )
+        .bind(user_id)
+        .bind(device_key)
+        .bind(micros(now))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        let sighting = if inserted {
+            let others: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM known_devices WHERE user_id = $1 AND device_key <> $2",
+            )
+            .bind(user_id)
+            .bind(device_key)
+            .fetch_one(&mut *tx)
+            .await?;
+            DeviceSighting::New { first_device: others == 0 }
+        } else {
+            sqlx::query("UPDATE known_devices SET last_seen = $3 WHERE user_id = $1 AND device_key = $2")
+                .bind(user_id)
+                .bind(device_key)
+                .bind(micros(now))
+                .execute(&mut *tx)
+                .await?;
+            DeviceSighting::Known
+        };
+        tx.commit().await?;
+        Ok(sighting)
     }
 
     async fn release_mail(&self, ids: &[Uuid], now: OffsetDateTime) -> Result<(), StoreError> {

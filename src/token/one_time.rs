@@ -9,6 +9,7 @@ fn prefix(purpose: TokenPurpose) -> &'static str {
         TokenPurpose::VerifyEmail => "pcve_",
         TokenPurpose::ResetPassword => "pcpr_",
         TokenPurpose::ChangeEmail => "pcec_",
+        TokenPurpose::DisownLogin => "pcdl_",
     }
 }
 

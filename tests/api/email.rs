@@ -36,7 +36,7 @@ const BASE: &str = "https://app.example.test";
 const NEW_PASSWORD: &str = "a brand new passphrase";
 
 /// The token of the `{BASE}{path}?token=` link, checked to be in both parts.
-fn link_token(mail: &ReceivedMail, path: &str) -> String {
+pub(crate) fn link_token(mail: &ReceivedMail, path: &str) -> String {
     let prefix = format!("{BASE}{path}?token=");
     let start = mail.text.find(&prefix).unwrap_or_else(|| panic!("no {prefix} link in:\n{}", mail.text))
         + prefix.len();
@@ -52,7 +52,7 @@ fn link_token(mail: &ReceivedMail, path: &str) -> String {
     token
 }
 
-async fn mails_to(sink: &SmtpSink, to: &str, count: usize) -> Vec<ReceivedMail> {
+pub(crate) async fn mails_to(sink: &SmtpSink, to: &str, count: usize) -> Vec<ReceivedMail> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let mails: Vec<ReceivedMail> =
@@ -71,7 +71,7 @@ async fn mails_to(sink: &SmtpSink, to: &str, count: usize) -> Vec<ReceivedMail> 
 }
 
 /// No further mail to `to` arrives within a while.
-async fn no_more_mail(sink: &SmtpSink, to: &str, expected: usize) {
+pub(crate) async fn no_more_mail(sink: &SmtpSink, to: &str, expected: usize) {
     tokio::time::sleep(Duration::from_millis(700)).await;
     let count = sink.messages().iter().filter(|m| m.to.iter().any(|t| t == to)).count();
     assert_eq!(count, expected, "unexpected mail to {to}");
@@ -83,7 +83,7 @@ async fn verify(app: &TestApp, token: &str) -> Result<(), tonic::Status> {
 }
 
 /// Registers `name` and follows the verification link.
-async fn verified_user(app: &TestApp, sink: &SmtpSink, name: &str) -> String {
+pub(crate) async fn verified_user(app: &TestApp, sink: &SmtpSink, name: &str) -> String {
     app.register(name).await;
     let email = format!("{name}@example.com");
     let mail = mails_to(sink, &email, 1).await.remove(0);
@@ -99,7 +99,7 @@ async fn forgot(app: &TestApp, identifier: &str) {
         .expect("ForgotPassword always answers OK");
 }
 
-async fn reset(app: &TestApp, token: &str, password: &str) -> Result<(), tonic::Status> {
+pub(crate) async fn reset(app: &TestApp, token: &str, password: &str) -> Result<(), tonic::Status> {
     let mut client = portcullis::api::pb::password_service_client::PasswordServiceClient::new(app.channel());
     client
         .reset_password(pb::ResetPasswordRequest {

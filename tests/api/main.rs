@@ -9,6 +9,7 @@ mod harness;
 mod bad_tokens;
 mod chaos;
 mod concurrency;
+mod devices;
 mod email;
 mod geo;
 mod history;

@@ -1,0 +1,153 @@
+//! New-device detection: a successful login from a device the user has not used before
+//! mails an alert (time, IP, location, device) with a single-use "this wasn't me" link,
+//! which ends every session and starts a password reset. The very first device of an
+//! account raises no alert, and known devices none.
+//!
+//! A device is its fingerprint when the front end sends one, else its user agent plus the
+//! network it comes from (/24 for IPv4, /48 for IPv6); only a hash of that is stored.
+
+use std::net::IpAddr;
+
+use aws_lc_rs::digest::{SHA256, digest};
+
+use super::{Auth, AuthError, ClientInfo, mail::greeting_name, register::now_micros};
+use crate::{
+    store::{DeviceSighting, NewOneTimeToken, RevokeReason, SessionRecord, TokenPurpose, UserRecord},
+    token::one_time,
+};
+
+impl Auth {
+    /// Remembers the device of a successful login and alerts when it is new. Never fails
+    /// the login: problems are logged.
+    pub(crate) async fn note_device(&self, user: &UserRecord, client: &ClientInfo) {
+        let sighting = self.store.remember_device(user.id, &device_key(client), now_micros()).await;
+        let result = match sighting {
+            Ok(DeviceSighting::New { first_device: false }) => self.alert_new_device(user, client).await,
+            Ok(_) => Ok(()),
+            Err(error) => Err(error.into()),
+        };
+        if let Err(error) = result {
+            tracing::warn!(user_id = %user.id, error = ?error, "new-device check failed");
+        }
+    }
+
+    async fn alert_new_device(&self, user: &UserRecord, client: &ClientInfo) -> Result<(), AuthError> {
+        let now = now_micros();
+        let ttl = self.mail.unrecognized_login_ttl;
+        let (token, hash) = one_time::generate(TokenPurpose::DisownLogin);
+        let mut tx = self.store.begin().await?;
+        tx.issue_token(&NewOneTimeToken {
+            hash,
+            user_id: user.id,
+            purpose: TokenPurpose::DisownLogin,
+            created_at: now,
+            expires_at: now + ttl,
+            new_email: None,
+        })
+        .await?;
+        let mail = self.templates.new_device_login(greeting_name(user), &token, ttl, &self.activity(client));
+        self.queue_mail(&mut tx, Some(user.id), &user.email, mail).await?;
+        self.commit_with_mail(tx).await?;
+        tracing::info!(user_id = %user.id, "login from a new device: alert sent");
+        Ok(())
+    }
+
+    /// "This wasn't me": every session ends, pending account links die, and a password
+    /// reset link goes to the address on file.
+    pub async fn disown_login(&self, token: &str, client: &ClientInfo) -> Result<(), AuthError> {
+        let hash =
+            one_time::parse(token, TokenPurpose::DisownLogin).ok_or(AuthError::InvalidToken("token"))?;
+        let now = now_micros();
+        let (mut tx, user, _) = self.spend_token(&hash, TokenPurpose::DisownLogin, now).await?;
+        self.kill_account_links(&mut tx, user.id, now).await?;
+        let revoked = tx.revoke_user_sessions(user.id, None, RevokeReason::LoginDisowned, now).await?;
+        let (reset, reset_hash) = one_time::generate(TokenPurpose::ResetPassword);
+        tx.issue_token(&NewOneTimeToken {
+            hash: reset_hash,
+            user_id: user.id,
+            purpose: TokenPurpose::ResetPassword,
+            created_at: now,
+            expires_at: now + self.mail.reset_ttl,
+            new_email: None,
+        })
+        .await?;
+        let mail = self.templates.reset_password(
+            greeting_name(&user),
+            &reset,
+            self.mail.reset_ttl,
+            &self.activity(client),
+        );
+        self.queue_mail(&mut tx, Some(user.id), &user.email, mail).await?;
+        self.commit_with_mail(tx).await?;
+        tracing::warn!(user_id = %user.id, sessions = revoked.len(), "login disowned by the account owner");
+        self.publish_committed(&revoked).await;
+        Ok(())
+    }
+
+    /// Tells the owner that a refresh token came back after use (a sign of theft) and its
+    /// session was ended. Best effort.
+    pub(crate) async fn mail_refresh_reuse(&self, session: &SessionRecord) {
+        let result = async {
+            let Some(user) = self.store.find_user(session.user_id).await? else { return Ok(()) };
+            let device = match (session.device.browser.as_str(), session.device.os.as_str()) {
+                ("", "") => "an unknown device".to_string(),
+                (b, "") | ("", b) => b.to_string(),
+                (b, o) => format!("{b} on {o}"),
+            };
+            let mail = self.templates.refresh_token_reused(greeting_name(&user), &device);
+            let mut tx = self.store.begin().await?;
+            self.queue_mail(&mut tx, Some(user.id), &user.email, mail).await?;
+            self.commit_with_mail(tx).await
+        }
+        .await;
+        if let Err(error) = result {
+            tracing::warn!(session_id = %session.id, error = ?error, "cannot mail the refresh-reuse notice");
+        }
+    }
+}
+
+/// What identifies a device, hashed.
+fn device_key(client: &ClientInfo) -> Vec<u8> {
+    let fingerprint = client.fingerprint.trim();
+    let material = if fingerprint.is_empty() {
+        format!("ua:{}|net:{}", client.user_agent.trim(), network(client.ip))
+    } else {
+        format!("fp:{fingerprint}")
+    };
+    digest(&SHA256, material.as_bytes()).as_ref().to_vec()
+}
+
+/// The network an address belongs to, coarsely: a device moving within it stays known.
+fn network(ip: Option<IpAddr>) -> String {
+    match ip {
+        Some(IpAddr::V4(v4)) => {
+            let [a, b, c, _] = v4.octets();
+            format!("{a}.{b}.{c}.0/24")
+        }
+        Some(IpAddr::V6(v6)) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}::/48", s[0], s[1], s[2])
+        }
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(ip: &str, ua: &str, fp: &str) -> ClientInfo {
+        ClientInfo { ip: ip.parse().ok(), user_agent: ua.into(), fingerprint: fp.into() }
+    }
+
+    #[test]
+    fn devices_are_their_fingerprint_or_agent_and_network() {
+        let key = |ip, ua, fp| device_key(&client(ip, ua, fp));
+        assert_eq!(key("203.0.113.7", "A", "fp1"), key("198.51.100.1", "B", "fp1"), "fingerprint wins");
+        assert_ne!(key("203.0.113.7", "A", "fp1"), key("203.0.113.7", "A", "fp2"));
+        assert_eq!(key("203.0.113.7", "A", ""), key("203.0.113.99", "A", ""), "same /24");
+        assert_ne!(key("203.0.113.7", "A", ""), key("203.0.114.7", "A", ""), "another network");
+        assert_ne!(key("203.0.113.7", "A", ""), key("203.0.113.7", "B", ""), "another agent");
+        assert_eq!(key("2001:db8:1:2::1", "A", ""), key("2001:db8:1:ffff::9", "A", ""), "same /48");
+    }
+}
