@@ -95,6 +95,7 @@ conformance!(
     claim_lease_and_sent,
     released_mail_is_due_at_once_without_an_attempt,
     devices_are_new_once_and_the_first_is_marked,
+    purge_outbox_deletes_only_old_finished_mail,
     claim_limit_oldest_first,
     mail_failed_retries_then_gives_up,
     concurrent_claimers_never_share_a_mail,
@@ -687,6 +688,30 @@ mod cases {
                 assert_eq!(found.last_active_at, at, "round {round}");
             }
         }
+    }
+
+    pub async fn purge_outbox_deletes_only_old_finished_mail(store: DynStore) {
+        let t = now() - Duration::days(10);
+        let (sent, gave_up, pending) = (new_mail(None, t), new_mail(None, t), new_mail(None, t));
+        for mail in [&sent, &gave_up, &pending] {
+            enqueue(&store, mail).await;
+        }
+        store.claim_due_mail(t, 10, LEASE).await.unwrap();
+        store.mail_sent(sent.id, t).await.unwrap();
+        store.mail_failed(gave_up.id, "550 no such user", None).await.unwrap();
+        // gave_up_at is stamped with the wall clock: a cutoff before now keeps it.
+        assert_eq!(store.purge_outbox(t + Duration::days(1)).await.unwrap(), 1, "only the old sent one");
+        assert_eq!(
+            store.purge_outbox(now() + Duration::seconds(1)).await.unwrap(),
+            1,
+            "then the given-up one"
+        );
+        store.release_mail(&[pending.id], now()).await.unwrap();
+        assert_eq!(
+            ids(&store.claim_due_mail(now(), 10, LEASE).await.unwrap()),
+            vec![pending.id],
+            "pending mail stays"
+        );
     }
 
     pub async fn devices_are_new_once_and_the_first_is_marked(store: DynStore) {

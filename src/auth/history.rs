@@ -84,7 +84,8 @@ impl Auth {
         Ok(HistoryPage { attempts, next_page_token })
     }
 
-    /// Deletes attempts older than `retention`, every `interval`, until `stop` resolves.
+    /// Deletes attempts older than `retention`, and mail sent or given up that long ago,
+    /// every `interval`, until `stop` resolves.
     pub async fn purge_history(
         &self,
         retention: Duration,
@@ -98,6 +99,11 @@ impl Auth {
                 Ok(0) => {}
                 Ok(purged) => tracing::info!(purged, "old login attempts deleted"),
                 Err(error) => tracing::warn!(error = ?error, "cannot purge old login attempts"),
+            }
+            match self.store.purge_outbox(cutoff).await {
+                Ok(0) => {}
+                Ok(purged) => tracing::info!(purged, "old outbox rows deleted"),
+                Err(error) => tracing::warn!(error = ?error, "cannot purge old outbox rows"),
             }
             tokio::select! {
                 () = tokio::time::sleep(interval) => {}

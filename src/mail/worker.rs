@@ -77,6 +77,8 @@ impl OutboxWorker {
     /// fails, or `stop` completes.
     async fn deliver_due<F: Future<Output = ()>>(&self, mut stop: Pin<&mut F>) -> Run {
         loop {
+            // Before the claim: the lease runs from here, however long the claim itself takes.
+            let claimed_at = Instant::now();
             let batch = match self.store.claim_due_mail(OffsetDateTime::now_utc(), BATCH, LEASE).await {
                 Ok(batch) => batch,
                 Err(error) => {
@@ -85,7 +87,6 @@ impl OutboxWorker {
                 }
             };
             let full = batch.len() == BATCH as usize;
-            let claimed_at = Instant::now();
             let mut batch = batch.into_iter();
             while let Some(mail) = batch.next() {
                 let stopped = tokio::select! {

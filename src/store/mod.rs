@@ -155,6 +155,9 @@ pub trait Store: Send + Sync + 'static {
     /// once, without counting an attempt. Sent or given-up mail is left alone.
     async fn release_mail(&self, ids: &[Uuid], now: OffsetDateTime) -> Result<(), StoreError>;
 
+    /// Deletes mail sent or given up before `cutoff` (retention). Returns how many.
+    async fn purge_outbox(&self, cutoff: OffsetDateTime) -> Result<u64, StoreError>;
+
     /// Records a delivery, and blanks the body: it holds live links, which must not stay
     /// readable at rest once they have been handed over.
     async fn mail_sent(&self, id: Uuid, now: OffsetDateTime) -> Result<(), StoreError>;

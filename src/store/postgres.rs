@@ -521,6 +521,14 @@ impl Store for PostgresStore {
         Ok(sighting)
     }
 
+    async fn purge_outbox(&self, cutoff: OffsetDateTime) -> Result<u64, StoreError> {
+        let purged = sqlx::query("DELETE FROM outbox WHERE sent_at < $1 OR gave_up_at < $1")
+            .bind(cutoff)
+            .execute(&self.pool)
+            .await?;
+        Ok(purged.rows_affected())
+    }
+
     async fn release_mail(&self, ids: &[Uuid], now: OffsetDateTime) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE outbox SET next_attempt_at = $2 \

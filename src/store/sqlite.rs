@@ -551,6 +551,14 @@ impl Store for SqliteStore {
         Ok(sighting)
     }
 
+    async fn purge_outbox(&self, cutoff: OffsetDateTime) -> Result<u64, StoreError> {
+        let purged = sqlx::query("DELETE FROM outbox WHERE sent_at < $1 OR gave_up_at < $1")
+            .bind(micros(cutoff))
+            .execute(&self.pool)
+            .await?;
+        Ok(purged.rows_affected())
+    }
+
     async fn release_mail(&self, ids: &[Uuid], now: OffsetDateTime) -> Result<(), StoreError> {
         // A handful of ids (one batch): one short statement each.
         for id in ids {
