@@ -9,7 +9,7 @@ use super::{
 };
 use crate::{
     mail::mask_email,
-    store::{NewOneTimeToken, ProfileChanges, StoreTx, TokenPurpose, UserRecord},
+    store::{ProfileChanges, StoreTx, TokenPurpose, UserRecord},
     token::one_time,
 };
 
@@ -128,17 +128,9 @@ impl Auth {
         email: &Email,
         client: &ClientInfo,
     ) -> Result<(), AuthError> {
-        let now = now_micros();
-        let (token, hash) = one_time::generate(TokenPurpose::ChangeEmail);
-        tx.issue_token(&NewOneTimeToken {
-            hash,
-            user_id: user.id,
-            purpose: TokenPurpose::ChangeEmail,
-            created_at: now,
-            expires_at: now + self.mail.verification_ttl,
-            new_email: Some(email.as_str().to_string()),
-        })
-        .await?;
+        let ttl = self.mail.verification_ttl;
+        let new_email = Some(email.as_str().to_string());
+        let token = self.issue_link(tx, user.id, TokenPurpose::ChangeEmail, ttl, new_email).await?;
         // No name in mail to an address that has proven nothing yet.
         let confirm = self.templates.confirm_new_email("", &token, self.mail.verification_ttl);
         self.queue_mail(tx, Some(user.id), email.as_str(), confirm).await?;

@@ -10,9 +10,13 @@ use std::net::IpAddr;
 
 use aws_lc_rs::digest::{SHA256, digest};
 
-use super::{Auth, AuthError, ClientInfo, mail::greeting_name, register::now_micros};
+use super::{
+    Auth, AuthError, ClientInfo,
+    mail::{describe_device, greeting_name},
+    register::now_micros,
+};
 use crate::{
-    store::{DeviceSighting, NewOneTimeToken, RevokeReason, SessionRecord, TokenPurpose, UserRecord},
+    store::{DeviceSighting, RevokeReason, SessionRecord, TokenPurpose, UserRecord},
     token::one_time,
 };
 
@@ -32,19 +36,9 @@ impl Auth {
     }
 
     async fn alert_new_device(&self, user: &UserRecord, client: &ClientInfo) -> Result<(), AuthError> {
-        let now = now_micros();
         let ttl = self.mail.unrecognized_login_ttl;
-        let (token, hash) = one_time::generate(TokenPurpose::DisownLogin);
         let mut tx = self.store.begin().await?;
-        tx.issue_token(&NewOneTimeToken {
-            hash,
-            user_id: user.id,
-            purpose: TokenPurpose::DisownLogin,
-            created_at: now,
-            expires_at: now + ttl,
-            new_email: None,
-        })
-        .await?;
+        let token = self.issue_link(&mut tx, user.id, TokenPurpose::DisownLogin, ttl, None).await?;
         let mail = self.templates.new_device_login(greeting_name(user), &token, ttl, &self.activity(client));
         self.queue_mail(&mut tx, Some(user.id), &user.email, mail).await?;
         self.commit_with_mail(tx).await?;
@@ -61,23 +55,7 @@ impl Auth {
         let (mut tx, user, _) = self.spend_token(&hash, TokenPurpose::DisownLogin, now).await?;
         self.kill_account_links(&mut tx, user.id, now).await?;
         let revoked = tx.revoke_user_sessions(user.id, None, RevokeReason::LoginDisowned, now).await?;
-        let (reset, reset_hash) = one_time::generate(TokenPurpose::ResetPassword);
-        tx.issue_token(&NewOneTimeToken {
-            hash: reset_hash,
-            user_id: user.id,
-            purpose: TokenPurpose::ResetPassword,
-            created_at: now,
-            expires_at: now + self.mail.reset_ttl,
-            new_email: None,
-        })
-        .await?;
-        let mail = self.templates.reset_password(
-            greeting_name(&user),
-            &reset,
-            self.mail.reset_ttl,
-            &self.activity(client),
-        );
-        self.queue_mail(&mut tx, Some(user.id), &user.email, mail).await?;
+        self.queue_reset_link(&mut tx, &user, client).await?;
         self.commit_with_mail(tx).await?;
         tracing::warn!(user_id = %user.id, sessions = revoked.len(), "login disowned by the account owner");
         self.publish_committed(&revoked).await;
@@ -89,11 +67,7 @@ impl Auth {
     pub(crate) async fn mail_refresh_reuse(&self, session: &SessionRecord) {
         let result = async {
             let Some(user) = self.store.find_user(session.user_id).await? else { return Ok(()) };
-            let device = match (session.device.browser.as_str(), session.device.os.as_str()) {
-                ("", "") => "an unknown device".to_string(),
-                (b, "") | ("", b) => b.to_string(),
-                (b, o) => format!("{b} on {o}"),
-            };
+            let device = describe_device(&session.device);
             let mail = self.templates.refresh_token_reused(greeting_name(&user), &device);
             let mut tx = self.store.begin().await?;
             self.queue_mail(&mut tx, Some(user.id), &user.email, mail).await?;

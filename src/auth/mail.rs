@@ -7,7 +7,8 @@ use uuid::Uuid;
 use super::{Auth, AuthError, ClientInfo};
 use crate::{
     mail::{Activity, Rendered},
-    store::{NewMail, StoreTx, UserRecord},
+    store::{NewMail, NewOneTimeToken, StoreTx, TokenPurpose, UserRecord},
+    token::one_time,
 };
 
 impl Auth {
@@ -53,6 +54,44 @@ impl Auth {
         });
     }
 
+    /// Issues a single-use token for `purpose` inside `tx` (killing the user's older ones of
+    /// that purpose) and returns it, for the link of a mail.
+    pub(crate) async fn issue_link(
+        &self,
+        tx: &mut Box<dyn StoreTx>,
+        user: Uuid,
+        purpose: TokenPurpose,
+        valid_for: std::time::Duration,
+        new_email: Option<String>,
+    ) -> Result<String, AuthError> {
+        let now = super::register::now_micros();
+        let (token, hash) = one_time::generate(purpose);
+        let issued = NewOneTimeToken {
+            hash,
+            user_id: user,
+            purpose,
+            created_at: now,
+            expires_at: now + valid_for,
+            new_email,
+        };
+        tx.issue_token(&issued).await?;
+        Ok(token)
+    }
+
+    /// Mails a fresh password-reset link for `user` to the address on file.
+    pub(crate) async fn queue_reset_link(
+        &self,
+        tx: &mut Box<dyn StoreTx>,
+        user: &UserRecord,
+        client: &ClientInfo,
+    ) -> Result<(), AuthError> {
+        let ttl = self.mail.reset_ttl;
+        let token = self.issue_link(tx, user.id, TokenPurpose::ResetPassword, ttl, None).await?;
+        let mail = self.templates.reset_password(greeting_name(user), &token, ttl, &self.activity(client));
+        // The address on file, whatever the request said.
+        self.queue_mail(tx, Some(user.id), &user.email, mail).await
+    }
+
     /// Commits and lets the outbox worker know there is mail.
     pub(crate) async fn commit_with_mail(&self, tx: Box<dyn StoreTx>) -> Result<(), AuthError> {
         tx.commit().await?;
@@ -66,17 +105,22 @@ pub(crate) fn greeting_name(user: &UserRecord) -> &str {
     if user.first_name.is_empty() { &user.username } else { &user.first_name }
 }
 
+/// A device as a person reads it: "Firefox 125 on Linux".
+pub(crate) fn describe_device(device: &crate::store::DeviceInfo) -> String {
+    match (device.browser.as_str(), device.os.as_str()) {
+        ("", "") => "an unknown device".to_string(),
+        (browser, "") => browser.to_string(),
+        ("", os) => os.to_string(),
+        (browser, os) => format!("{browser} on {os}"),
+    }
+}
+
 impl Auth {
     /// The request's time, IP, device and (with a GeoIP database) location, for mails about
     /// account activity.
     pub(crate) fn activity(&self, client: &ClientInfo) -> Activity {
         let device = client.device();
-        let described = match (device.browser.as_str(), device.os.as_str()) {
-            ("", "") => "an unknown device".to_string(),
-            (browser, "") => browser.to_string(),
-            ("", os) => os.to_string(),
-            (browser, os) => format!("{browser} on {os}"),
-        };
+        let described = describe_device(&device);
         let location = match self.locate(client) {
             Some(l) if !l.city.is_empty() => format!("{}, {}", l.city, l.country),
             Some(l) => l.country,

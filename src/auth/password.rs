@@ -18,7 +18,7 @@ use super::{
 };
 use crate::{
     password::{NewPassword, PasswordPolicy},
-    store::{NewOneTimeToken, RevokeReason, SpentToken, StoreTx, TokenPurpose, UserRecord},
+    store::{RevokeReason, SpentToken, StoreTx, TokenPurpose, UserRecord},
     token::one_time,
 };
 
@@ -49,26 +49,8 @@ impl Auth {
         let mut tx = self.store.begin().await?;
         // Locking the user serialises concurrent requests, so only the newest link lives.
         let Some(user) = tx.lock_user(found.id).await? else { return Ok(()) };
-        let now = now_micros();
-        let (token, hash) = one_time::generate(TokenPurpose::ResetPassword);
         // Issuing kills the user's older reset links.
-        tx.issue_token(&NewOneTimeToken {
-            hash,
-            user_id: user.id,
-            purpose: TokenPurpose::ResetPassword,
-            created_at: now,
-            expires_at: now + self.mail.reset_ttl,
-            new_email: None,
-        })
-        .await?;
-        let mail = self.templates.reset_password(
-            greeting_name(&user),
-            &token,
-            self.mail.reset_ttl,
-            &self.activity(client),
-        );
-        // The address on file, whatever the request said.
-        self.queue_mail(&mut tx, Some(user.id), &user.email, mail).await?;
+        self.queue_reset_link(&mut tx, &user, client).await?;
         self.commit_with_mail(tx).await?;
         tracing::info!(user_id = %user.id, "password reset link sent");
         Ok(())

@@ -66,7 +66,7 @@ impl Auth {
         // The account and its verification mail commit together.
         let mut tx = self.store.begin().await?;
         let created = tx.create_user(&user).await?;
-        self.queue_verification(&mut tx, &created, created.created_at).await?;
+        self.queue_verification(&mut tx, &created).await?;
         self.commit_with_mail(tx).await?;
         tracing::info!(user_id = %created.id, "user registered");
         Ok(created)

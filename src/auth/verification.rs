@@ -3,11 +3,9 @@
 
 use std::sync::Arc;
 
-use time::OffsetDateTime;
-
 use super::{Auth, AuthError, domain::Email, mail::greeting_name, register::now_micros};
 use crate::{
-    store::{NewOneTimeToken, StoreTx, TokenPurpose, UserRecord},
+    store::{StoreTx, TokenPurpose, UserRecord},
     token::one_time,
 };
 
@@ -17,18 +15,9 @@ impl Auth {
         &self,
         tx: &mut Box<dyn StoreTx>,
         user: &UserRecord,
-        now: OffsetDateTime,
     ) -> Result<(), AuthError> {
-        let (token, hash) = one_time::generate(TokenPurpose::VerifyEmail);
-        tx.issue_token(&NewOneTimeToken {
-            hash,
-            user_id: user.id,
-            purpose: TokenPurpose::VerifyEmail,
-            created_at: now,
-            expires_at: now + self.mail.verification_ttl,
-            new_email: None,
-        })
-        .await?;
+        let ttl = self.mail.verification_ttl;
+        let token = self.issue_link(tx, user.id, TokenPurpose::VerifyEmail, ttl, None).await?;
         // No name: this address has proven nothing yet, and whoever registered chose the
         // name (text an attacker could aim at someone else's mailbox).
         let mail = self.templates.verify_email("", &token, self.mail.verification_ttl);
@@ -70,7 +59,7 @@ impl Auth {
             Some(user)
                 if user.email_verified_at.is_none() && user.email.eq_ignore_ascii_case(email.as_str()) =>
             {
-                self.queue_verification(&mut tx, &user, now_micros()).await?;
+                self.queue_verification(&mut tx, &user).await?;
                 self.commit_with_mail(tx).await
             }
             _ => Ok(()),
