@@ -714,31 +714,48 @@ mod cases {
         );
     }
 
+    /// One sighting, as the flow makes it: user row locked, then the device noted.
+    async fn sight(
+        store: &DynStore,
+        user: Uuid,
+        key: [u8; 32],
+        t: OffsetDateTime,
+    ) -> portcullis::store::DeviceSighting {
+        let mut tx = store.begin().await.unwrap();
+        tx.lock_user(user).await.unwrap().unwrap();
+        let sighting = tx.remember_device(user, &key, t).await.unwrap();
+        tx.commit().await.unwrap();
+        sighting
+    }
+
     pub async fn devices_are_new_once_and_the_first_is_marked(store: DynStore) {
         use portcullis::store::DeviceSighting;
         let owner = user(&store, "hopper").await;
         let other = user(&store, "lovelace").await;
         let t = now();
         let laptop = [1u8; 32];
+        assert_eq!(sight(&store, owner.id, laptop, t).await, DeviceSighting::New { first_device: true });
+        assert_eq!(sight(&store, owner.id, laptop, t).await, DeviceSighting::Known);
         assert_eq!(
-            store.remember_device(owner.id, &laptop, t).await.unwrap(),
-            DeviceSighting::New { first_device: true }
-        );
-        assert_eq!(store.remember_device(owner.id, &laptop, t).await.unwrap(), DeviceSighting::Known);
-        assert_eq!(
-            store.remember_device(other.id, &laptop, t).await.unwrap(),
+            sight(&store, other.id, laptop, t).await,
             DeviceSighting::New { first_device: true },
-            "devices are per user"
+            "per user"
         );
         // 10 concurrent first sightings of one new device: exactly one is new.
         let phone = [2u8; 32];
         let sightings = futures_util::future::join_all((0..10).map(|_| {
             let store = store.clone();
-            async move { store.remember_device(owner.id, &phone, t).await.unwrap() }
+            async move { sight(&store, owner.id, phone, t).await }
         }))
         .await;
         let new: Vec<_> = sightings.iter().filter(|s| **s != DeviceSighting::Known).collect();
         assert_eq!(new, vec![&DeviceSighting::New { first_device: false }]);
+        // Concurrent first sightings of two DIFFERENT devices on a fresh account: one first.
+        let fresh = user(&store, "turing").await;
+        let (a, b) =
+            tokio::join!(sight(&store, fresh.id, [3u8; 32], t), sight(&store, fresh.id, [4u8; 32], t));
+        let firsts = [a, b].iter().filter(|s| **s == DeviceSighting::New { first_device: true }).count();
+        assert_eq!(firsts, 1, "{a:?} {b:?}");
     }
 
     pub async fn revoked_sessions_of(store: DynStore) {

@@ -6,7 +6,7 @@
 //! A device is its fingerprint when the front end sends one, else its user agent plus the
 //! network it comes from (/24 for IPv4, /48 for IPv6); only a hash of that is stored.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::Arc};
 
 use aws_lc_rs::digest::{SHA256, digest};
 
@@ -15,35 +15,40 @@ use super::{
     mail::{describe_device, greeting_name},
     register::now_micros,
 };
+use uuid::Uuid;
+
 use crate::{
     store::{DeviceSighting, RevokeReason, SessionRecord, TokenPurpose, UserRecord},
     token::one_time,
 };
 
 impl Auth {
-    /// Remembers the device of a successful login and alerts when it is new. Never fails
-    /// the login: problems are logged.
-    pub(crate) async fn note_device(&self, user: &UserRecord, client: &ClientInfo) {
-        let sighting = self.store.remember_device(user.id, &device_key(client), now_micros()).await;
-        let result = match sighting {
-            Ok(DeviceSighting::New { first_device: false }) => self.alert_new_device(user, client).await,
-            Ok(_) => Ok(()),
-            Err(error) => Err(error.into()),
-        };
-        if let Err(error) = result {
-            tracing::warn!(user_id = %user.id, error = ?error, "new-device check failed");
-        }
+    /// Remembers the device of a successful login and alerts when it is new — after the
+    /// answer, so a caller cannot cut it short with a deadline, and in ONE transaction, so a
+    /// device is never remembered without its alert. Never fails the login.
+    pub(crate) fn note_device(self: &Arc<Self>, user: &UserRecord, client: &ClientInfo) {
+        let (user_id, client) = (user.id, client.clone());
+        self.in_background("new-device check", move |auth| async move {
+            auth.check_device(user_id, &client).await
+        });
     }
 
-    async fn alert_new_device(&self, user: &UserRecord, client: &ClientInfo) -> Result<(), AuthError> {
-        let ttl = self.mail.unrecognized_login_ttl;
+    async fn check_device(&self, user_id: Uuid, client: &ClientInfo) -> Result<(), AuthError> {
         let mut tx = self.store.begin().await?;
-        let token = self.issue_link(&mut tx, user.id, TokenPurpose::DisownLogin, ttl, None).await?;
-        let mail = self.templates.new_device_login(greeting_name(user), &token, ttl, &self.activity(client));
-        self.queue_mail(&mut tx, Some(user.id), &user.email, mail).await?;
-        self.commit_with_mail(tx).await?;
-        tracing::info!(user_id = %user.id, "login from a new device: alert sent");
-        Ok(())
+        // Locking the user serialises sightings on one account (one "first device").
+        let Some(user) = tx.lock_user(user_id).await? else { return Ok(()) };
+        let sighting = tx.remember_device(user.id, &device_key(client), now_micros()).await?;
+        if sighting == (DeviceSighting::New { first_device: false }) {
+            let ttl = self.mail.unrecognized_login_ttl;
+            // The token remembers where the alert went: the reset it may start goes there.
+            let recipient = Some(user.email.clone());
+            let token = self.issue_link(&mut tx, user.id, TokenPurpose::DisownLogin, ttl, recipient).await?;
+            let mail =
+                self.templates.new_device_login(greeting_name(&user), &token, ttl, &self.activity(client));
+            self.queue_mail(&mut tx, Some(user.id), &user.email, mail).await?;
+            tracing::info!(user_id = %user.id, "login from a new device: alert sent");
+        }
+        self.commit_with_mail(tx).await
     }
 
     /// "This wasn't me": every session ends, pending account links die, and a password
@@ -52,10 +57,14 @@ impl Auth {
         let hash =
             one_time::parse(token, TokenPurpose::DisownLogin).ok_or(AuthError::InvalidToken("token"))?;
         let now = now_micros();
-        let (mut tx, user, _) = self.spend_token(&hash, TokenPurpose::DisownLogin, now).await?;
+        let (mut tx, user, spent) = self.spend_token(&hash, TokenPurpose::DisownLogin, now).await?;
         self.kill_account_links(&mut tx, user.id, now).await?;
+        tx.invalidate_tokens(user.id, TokenPurpose::DisownLogin, now).await?;
         let revoked = tx.revoke_user_sessions(user.id, None, RevokeReason::LoginDisowned, now).await?;
-        self.queue_reset_link(&mut tx, &user, client).await?;
+        // To the address the alert went to: if the account's address was changed since
+        // (perhaps by whoever this wasn't), the owner's mailbox still gets the reset.
+        let to = spent.new_email.unwrap_or_else(|| user.email.clone());
+        self.queue_reset_link(&mut tx, &user, &to, client).await?;
         self.commit_with_mail(tx).await?;
         tracing::warn!(user_id = %user.id, sessions = revoked.len(), "login disowned by the account owner");
         self.publish_committed(&revoked).await;

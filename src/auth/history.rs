@@ -121,7 +121,11 @@ fn encode_cursor(at: OffsetDateTime, id: Uuid) -> String {
 fn decode_cursor(token: &str) -> Option<(OffsetDateTime, Uuid)> {
     let raw = URL_SAFE_NO_PAD.decode(token).ok()?;
     let (micros, id) = std::str::from_utf8(&raw).ok()?.split_once('.')?;
-    let at = OffsetDateTime::from_unix_timestamp_nanos(micros.parse::<i128>().ok()? * 1_000).ok()?;
+    let at =
+        OffsetDateTime::from_unix_timestamp_nanos(micros.parse::<i128>().ok()?.checked_mul(1_000)?).ok()?;
+    // Only instants an attempt can have: both databases store these, nothing else.
+    let plausible = OffsetDateTime::UNIX_EPOCH..=OffsetDateTime::now_utc() + time::Duration::days(1);
+    plausible.contains(&at).then_some(())?;
     Some((at, Uuid::parse_str(id).ok()?))
 }
 

@@ -24,7 +24,7 @@ impl Auth {
     /// Every attempt that names an account or a password is recorded in the login history,
     /// whatever its outcome.
     pub async fn login(
-        &self,
+        self: &std::sync::Arc<Self>,
         identifier: &str,
         password: &str,
         client: &ClientInfo,
@@ -77,7 +77,7 @@ impl Auth {
             .await?;
         let tokens = self.issue_tokens(&user, &session, refresh_token, now)?;
         self.record_attempt(typed, Some(user.id), AttemptOutcome::Success, "ok", client).await;
-        self.note_device(&user, client).await;
+        self.note_device(&user, client);
         tracing::info!(user_id = %user.id, session_id = %session.id, "login succeeded");
         Ok(LoginOutcome { user, session, tokens })
     }

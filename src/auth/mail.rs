@@ -78,18 +78,19 @@ impl Auth {
         Ok(token)
     }
 
-    /// Mails a fresh password-reset link for `user` to the address on file.
+    /// Mails a fresh password-reset link for `user` to `to` (an address the account has
+    /// proven: never one taken from a request).
     pub(crate) async fn queue_reset_link(
         &self,
         tx: &mut Box<dyn StoreTx>,
         user: &UserRecord,
+        to: &str,
         client: &ClientInfo,
     ) -> Result<(), AuthError> {
         let ttl = self.mail.reset_ttl;
         let token = self.issue_link(tx, user.id, TokenPurpose::ResetPassword, ttl, None).await?;
         let mail = self.templates.reset_password(greeting_name(user), &token, ttl, &self.activity(client));
-        // The address on file, whatever the request said.
-        self.queue_mail(tx, Some(user.id), &user.email, mail).await
+        self.queue_mail(tx, Some(user.id), to, mail).await
     }
 
     /// Commits and lets the outbox worker know there is mail.

@@ -50,7 +50,8 @@ impl Auth {
         // Locking the user serialises concurrent requests, so only the newest link lives.
         let Some(user) = tx.lock_user(found.id).await? else { return Ok(()) };
         // Issuing kills the user's older reset links.
-        self.queue_reset_link(&mut tx, &user, client).await?;
+        // The address on file, whatever the request said.
+        self.queue_reset_link(&mut tx, &user, &user.email, client).await?;
         self.commit_with_mail(tx).await?;
         tracing::info!(user_id = %user.id, "password reset link sent");
         Ok(())

@@ -44,8 +44,10 @@ impl Auth {
                     self.store
                         .revoke_session(session.user_id, session.id, RevokeReason::RefreshTokenReuse, now)
                         .await?;
-                    self.publish_revocations(&[session.id]).await?;
+                    // The owner hears of it even if Redis is down right now; the
+                    // reconciler publishes what this cannot.
                     self.mail_refresh_reuse(&session).await;
+                    self.publish_committed(&[session.id]).await;
                 }
                 Err(AuthError::InvalidRefreshToken)
             }

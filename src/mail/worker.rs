@@ -96,10 +96,13 @@ impl OutboxWorker {
                 };
                 if stopped {
                     // Hand the rest back now rather than leave it leased: the next worker
-                    // (perhaps this process restarted) sends it at once.
-                    let rest: Vec<_> = std::iter::once(mail).chain(batch).map(|m| m.id).collect();
-                    if let Err(error) = self.store.release_mail(&rest, OffsetDateTime::now_utc()).await {
-                        tracing::warn!(error = %error, "outbox: cannot release claimed mail; it goes after its lease");
+                    // (perhaps this process restarted) sends it at once. Only while the
+                    // lease is ours: after it, another worker may be sending these.
+                    if claimed_at.elapsed() < LEASE {
+                        let rest: Vec<_> = std::iter::once(mail).chain(batch).map(|m| m.id).collect();
+                        if let Err(error) = self.store.release_mail(&rest, OffsetDateTime::now_utc()).await {
+                            tracing::warn!(error = %error, "outbox: cannot release claimed mail; it goes after its lease");
+                        }
                     }
                     return Run::Stopped;
                 }

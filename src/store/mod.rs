@@ -142,15 +142,6 @@ pub trait Store: Send + Sync + 'static {
         lease: std::time::Duration,
     ) -> Result<Vec<OutboxMail>, StoreError>;
 
-    /// Notes that `user_id` logged in from the device with this key (a hash) and says
-    /// whether it was new: of concurrent first sightings exactly one is `New`.
-    async fn remember_device(
-        &self,
-        user_id: Uuid,
-        device_key: &[u8],
-        now: OffsetDateTime,
-    ) -> Result<DeviceSighting, StoreError>;
-
     /// Gives claimed, not-yet-attempted mail back (a worker stopping mid-batch): due at
     /// once, without counting an attempt. Sent or given-up mail is left alone.
     async fn release_mail(&self, ids: &[Uuid], now: OffsetDateTime) -> Result<(), StoreError>;
@@ -193,7 +184,8 @@ pub trait StoreTx: Send {
     async fn find_user_by_login(&mut self, login_key: &str) -> Result<Option<UserRecord>, StoreError>;
 
     /// Stores a single-use token, first invalidating (marking used) the user's unused
-    /// tokens of the same purpose: requesting a new link kills the older ones.
+    /// tokens of the same purpose when [`TokenPurpose::replaces_older`]: requesting a new
+    /// link kills the older ones.
     async fn issue_token(&mut self, token: &NewOneTimeToken) -> Result<(), StoreError>;
 
     /// Spends a live token of that purpose in ONE conditional statement (`UPDATE … SET
@@ -263,6 +255,16 @@ pub trait StoreTx: Send {
     /// tombstones too, at their own revocation instant, but not returned.)
     async fn delete_user(&mut self, user_id: Uuid, now: OffsetDateTime) -> Result<Vec<Uuid>, StoreError>;
 
+    /// Notes that `user_id` logged in from the device with this key (a hash) and says
+    /// whether it was new. Callers lock the user first, so concurrent sightings on one
+    /// account are serialised: of concurrent first sightings exactly one is `New`.
+    async fn remember_device(
+        &mut self,
+        user_id: Uuid,
+        device_key: &[u8],
+        now: OffsetDateTime,
+    ) -> Result<DeviceSighting, StoreError>;
+
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }
 
@@ -278,6 +280,13 @@ pub enum TokenPurpose {
 }
 
 impl TokenPurpose {
+    /// Whether issuing a token kills the user's older unused ones of the purpose. Not for
+    /// "this wasn't me": a burst of new-device alerts must not kill the link the owner is
+    /// about to click (spending any of them kills them all).
+    pub fn replaces_older(self) -> bool {
+        !matches!(self, TokenPurpose::DisownLogin)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             TokenPurpose::VerifyEmail => "verify_email",

@@ -488,39 +488,6 @@ impl Store for PostgresStore {
         Ok(mails)
     }
 
-    async fn remember_device(
-        &self,
-        user_id: Uuid,
-        device_key: &[u8],
-        now: OffsetDateTime,
-    ) -> Result<DeviceSighting, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        // Of concurrent first sightings, exactly one inserts (and alerts).
-        let inserted = sqlx::query(
-            "INSERT INTO known_devices (user_id, device_key, first_seen, last_seen) VALUES ($1, $2, $3, $3) \
-             ON CONFLICT (user_id, device_key) DO UPDATE SET last_seen = EXCLUDED.last_seen \
-             RETURNING (xmax = 0) AS inserted",
-        )
-        .bind(user_id)
-        .bind(device_key)
-        .bind(now)
-        .fetch_one(&mut *tx)
-        .await?;
-        let inserted: bool = get(&inserted, "inserted")?;
-        let sighting = if inserted {
-            let others = sqlx::query("SELECT EXISTS (SELECT 1 FROM known_devices WHERE user_id = $1 AND device_key <> $2) AS others")
-                .bind(user_id)
-                .bind(device_key)
-                .fetch_one(&mut *tx)
-                .await?;
-            DeviceSighting::New { first_device: !get::<bool>(&others, "others")? }
-        } else {
-            DeviceSighting::Known
-        };
-        tx.commit().await?;
-        Ok(sighting)
-    }
-
     async fn purge_outbox(&self, cutoff: OffsetDateTime) -> Result<u64, StoreError> {
         let purged = sqlx::query("DELETE FROM outbox WHERE sent_at < $1 OR gave_up_at < $1")
             .bind(cutoff)
@@ -606,15 +573,17 @@ impl StoreTx for PostgresTx {
     }
 
     async fn issue_token(&mut self, token: &NewOneTimeToken) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE one_time_tokens SET used_at = $3 \
-             WHERE user_id = $1 AND purpose = $2 AND used_at IS NULL",
-        )
-        .bind(token.user_id)
-        .bind(token.purpose.as_str())
-        .bind(token.created_at)
-        .execute(&mut *self.tx)
-        .await?;
+        if token.purpose.replaces_older() {
+            sqlx::query(
+                "UPDATE one_time_tokens SET used_at = $3 \
+                 WHERE user_id = $1 AND purpose = $2 AND used_at IS NULL",
+            )
+            .bind(token.user_id)
+            .bind(token.purpose.as_str())
+            .bind(token.created_at)
+            .execute(&mut *self.tx)
+            .await?;
+        }
         sqlx::query(
             "INSERT INTO one_time_tokens (hash, user_id, purpose, new_email, created_at, expires_at) \
              VALUES ($1, $2, $3, $4, $5, $6)",
@@ -810,10 +779,48 @@ impl StoreTx for PostgresTx {
                 .execute(&mut *self.tx)
                 .await?;
         }
+        // And those naming any identifier the account was ever matched by (an email it no
+        // longer has, say).
+        sqlx::query(
+            "DELETE FROM login_attempts WHERE user_id IS NULL AND identifier_key IN \
+             (SELECT identifier_key FROM login_attempts WHERE user_id = $1)",
+        )
+        .bind(user_id)
+        .execute(&mut *self.tx)
+        .await?;
         // Sessions, tokens, queued mail and login attempts go with the user (ON DELETE
         // CASCADE).
         sqlx::query("DELETE FROM users WHERE id = $1").bind(user_id).execute(&mut *self.tx).await?;
         Ok(live)
+    }
+
+    async fn remember_device(
+        &mut self,
+        user_id: Uuid,
+        device_key: &[u8],
+        now: OffsetDateTime,
+    ) -> Result<DeviceSighting, StoreError> {
+        let inserted = sqlx::query(
+            "INSERT INTO known_devices (user_id, device_key, first_seen, last_seen) VALUES ($1, $2, $3, $3) \
+             ON CONFLICT (user_id, device_key) DO UPDATE SET last_seen = EXCLUDED.last_seen \
+             RETURNING (xmax = 0) AS inserted",
+        )
+        .bind(user_id)
+        .bind(device_key)
+        .bind(now)
+        .fetch_one(&mut *self.tx)
+        .await?;
+        if !get::<bool>(&inserted, "inserted")? {
+            return Ok(DeviceSighting::Known);
+        }
+        let others = sqlx::query(
+            "SELECT EXISTS (SELECT 1 FROM known_devices WHERE user_id = $1 AND device_key <> $2) AS others",
+        )
+        .bind(user_id)
+        .bind(device_key)
+        .fetch_one(&mut *self.tx)
+        .await?;
+        Ok(DeviceSighting::New { first_device: !get::<bool>(&others, "others")? })
     }
 
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {

@@ -510,47 +510,6 @@ impl Store for SqliteStore {
         Ok(mails)
     }
 
-    async fn remember_device(
-        &self,
-        user_id: Uuid,
-        device_key: &[u8],
-        now: OffsetDateTime,
-    ) -> Result<DeviceSighting, StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        // Of concurrent first sightings, exactly one inserts (and alerts).
-        let inserted = sqlx::query(
-            "INSERT INTO known_devices (user_id, device_key, first_seen, last_seen) VALUES ($1, $2, $3, $3) \
-             ON CONFLICT (user_id, device_key) DO NOTHING",
-        )
-        .bind(user_id)
-        .bind(device_key)
-        .bind(micros(now))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        let sighting = if inserted {
-            let others: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM known_devices WHERE user_id = $1 AND device_key <> $2",
-            )
-            .bind(user_id)
-            .bind(device_key)
-            .fetch_one(&mut *tx)
-            .await?;
-            DeviceSighting::New { first_device: others == 0 }
-        } else {
-            sqlx::query("UPDATE known_devices SET last_seen = $3 WHERE user_id = $1 AND device_key = $2")
-                .bind(user_id)
-                .bind(device_key)
-                .bind(micros(now))
-                .execute(&mut *tx)
-                .await?;
-            DeviceSighting::Known
-        };
-        tx.commit().await?;
-        Ok(sighting)
-    }
-
     async fn purge_outbox(&self, cutoff: OffsetDateTime) -> Result<u64, StoreError> {
         let purged = sqlx::query("DELETE FROM outbox WHERE sent_at < $1 OR gave_up_at < $1")
             .bind(micros(cutoff))
@@ -638,15 +597,17 @@ impl StoreTx for SqliteTx {
     }
 
     async fn issue_token(&mut self, token: &NewOneTimeToken) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE one_time_tokens SET used_at = $3 \
-             WHERE user_id = $1 AND purpose = $2 AND used_at IS NULL",
-        )
-        .bind(token.user_id)
-        .bind(token.purpose.as_str())
-        .bind(micros(token.created_at))
-        .execute(&mut *self.tx)
-        .await?;
+        if token.purpose.replaces_older() {
+            sqlx::query(
+                "UPDATE one_time_tokens SET used_at = $3 \
+                 WHERE user_id = $1 AND purpose = $2 AND used_at IS NULL",
+            )
+            .bind(token.user_id)
+            .bind(token.purpose.as_str())
+            .bind(micros(token.created_at))
+            .execute(&mut *self.tx)
+            .await?;
+        }
         sqlx::query(
             "INSERT INTO one_time_tokens (hash, user_id, purpose, new_email, created_at, expires_at) \
              VALUES ($1, $2, $3, $4, $5, $6)",
@@ -838,10 +799,54 @@ impl StoreTx for SqliteTx {
                 .execute(&mut *self.tx)
                 .await?;
         }
+        // And those naming any identifier the account was ever matched by (an email it no
+        // longer has, say).
+        sqlx::query(
+            "DELETE FROM login_attempts WHERE user_id IS NULL AND identifier_key IN \
+             (SELECT identifier_key FROM login_attempts WHERE user_id = $1)",
+        )
+        .bind(user_id)
+        .execute(&mut *self.tx)
+        .await?;
         // Sessions, tokens, queued mail and login attempts go with the user (ON DELETE
         // CASCADE).
         sqlx::query("DELETE FROM users WHERE id = $1").bind(user_id).execute(&mut *self.tx).await?;
         Ok(live)
+    }
+
+    async fn remember_device(
+        &mut self,
+        user_id: Uuid,
+        device_key: &[u8],
+        now: OffsetDateTime,
+    ) -> Result<DeviceSighting, StoreError> {
+        let inserted = sqlx::query(
+            "INSERT INTO known_devices (user_id, device_key, first_seen, last_seen) VALUES ($1, $2, $3, $3) \
+             ON CONFLICT (user_id, device_key) DO NOTHING",
+        )
+        .bind(user_id)
+        .bind(device_key)
+        .bind(micros(now))
+        .execute(&mut *self.tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !inserted {
+            sqlx::query("UPDATE known_devices SET last_seen = $3 WHERE user_id = $1 AND device_key = $2")
+                .bind(user_id)
+                .bind(device_key)
+                .bind(micros(now))
+                .execute(&mut *self.tx)
+                .await?;
+            return Ok(DeviceSighting::Known);
+        }
+        let others: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM known_devices WHERE user_id = $1 AND device_key <> $2")
+                .bind(user_id)
+                .bind(device_key)
+                .fetch_one(&mut *self.tx)
+                .await?;
+        Ok(DeviceSighting::New { first_device: others == 0 })
     }
 
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {

@@ -63,6 +63,12 @@ async fn this_wasnt_me_ends_every_session_and_starts_a_reset(backend: Backend) {
     let own = app.login("pia").await.tokens.unwrap();
     let thief = login_from(&app, "pia", "fp-thief").await.tokens.unwrap();
     let token = link_token(&mails_to(&sink, &email, 3).await[2], "/unrecognized-login");
+    // The thief keeps logging in from new devices: every alert's link stays good.
+    login_from(&app, "pia", "fp-thief-2").await;
+    mails_to(&sink, &email, 4).await;
+    // A reset link that was pending dies with the report.
+    crate::email::forgot(&app, "pia").await;
+    let pending_reset = link_token(&mails_to(&sink, &email, 5).await[4], "/reset-password");
 
     let mut client = app.auth.clone();
     let report = |token: String| pb::ReportUnrecognizedLoginRequest { token, client: None };
@@ -74,7 +80,11 @@ async fn this_wasnt_me_ends_every_session_and_starts_a_reset(backend: Backend) {
     let again = client.report_unrecognized_login(report(token)).await.unwrap_err();
     assert_eq!(error_reason(&again), "INVALID_TOKEN");
 
-    let reset_mail = mails_to(&sink, &email, 4).await.remove(3);
+    assert_eq!(
+        error_reason(&reset(&app, &pending_reset, "any new passphrase").await.unwrap_err()),
+        "INVALID_TOKEN"
+    );
+    let reset_mail = mails_to(&sink, &email, 6).await.remove(5);
     let reset_token = link_token(&reset_mail, "/reset-password");
     reset(&app, &reset_token, "a fresh start passphrase").await.expect("the reset link works");
     app.try_login("pia", "a fresh start passphrase").await.expect("new password");
@@ -87,11 +97,17 @@ async fn a_replayed_refresh_token_is_reported_to_the_owner(backend: Backend) {
         return;
     };
     let email = verified_user(&app, &sink, "quentin").await;
-    let stolen = app.login("quentin").await.tokens.unwrap().refresh_token;
+    app.login("quentin").await; // the first device: no alert
+    let stolen = login_from(&app, "quentin", "fp-phone").await.tokens.unwrap().refresh_token;
+    mails_to(&sink, &email, 3).await; // the new-device alert
     app.refresh(&stolen).await.expect("first use");
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(app.refresh(&stolen).await.unwrap_err().code(), Code::Unauthenticated);
-    let notice = mails_to(&sink, &email, 3).await.remove(2);
+    let notice = mails_to(&sink, &email, 4).await.remove(3);
     assert!(notice.subject.contains("signed out"), "{}", notice.subject);
-    assert!(notice.text.contains("Firefox"), "names the session's device: {}", notice.text);
+    assert!(
+        notice.text.contains("Safari") && notice.text.contains("on iPhone"),
+        "names the session's device: {}",
+        notice.text
+    );
 }

@@ -91,7 +91,7 @@ pub(crate) async fn verified_user(app: &TestApp, sink: &SmtpSink, name: &str) ->
     email
 }
 
-async fn forgot(app: &TestApp, identifier: &str) {
+pub(crate) async fn forgot(app: &TestApp, identifier: &str) {
     let mut client = portcullis::api::pb::password_service_client::PasswordServiceClient::new(app.channel());
     client
         .forgot_password(pb::ForgotPasswordRequest { identifier: identifier.into(), client: None })
