@@ -46,8 +46,8 @@ pub fn location(location: Location) -> pb::Location {
     pb::Location {
         country: location.country,
         city: location.city,
-        latitude: location.latitude.unwrap_or_default(),
-        longitude: location.longitude.unwrap_or_default(),
+        latitude: location.latitude,
+        longitude: location.longitude,
     }
 }
 

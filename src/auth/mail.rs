@@ -102,8 +102,16 @@ impl Auth {
 }
 
 /// How a mail greets the user: their first name, else their username.
+/// Nobody by name while the address is unverified: the registrant chose the name, and
+/// could aim text at someone else's mailbox.
 pub(crate) fn greeting_name(user: &UserRecord) -> &str {
-    if user.first_name.is_empty() { &user.username } else { &user.first_name }
+    if user.email_verified_at.is_none() {
+        ""
+    } else if user.first_name.is_empty() {
+        &user.username
+    } else {
+        &user.first_name
+    }
 }
 
 /// A device as a person reads it: "Firefox 125 on Linux".

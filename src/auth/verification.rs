@@ -29,8 +29,9 @@ impl Auth {
         let hash =
             one_time::parse(token, TokenPurpose::VerifyEmail).ok_or(AuthError::InvalidToken("token"))?;
         let now = now_micros();
-        let (mut tx, user, _) = self.spend_token(&hash, TokenPurpose::VerifyEmail, now).await?;
+        let (mut tx, mut user, _) = self.spend_token(&hash, TokenPurpose::VerifyEmail, now).await?;
         if tx.mark_email_verified(user.id, now).await? {
+            user.email_verified_at = Some(now);
             let mail = self.templates.welcome(greeting_name(&user));
             self.queue_mail(&mut tx, Some(user.id), &user.email, mail).await?;
         }
