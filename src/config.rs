@@ -33,6 +33,8 @@ pub struct Settings {
     pub sessions: SessionSettings,
     pub password: PasswordSettings,
     pub login: LoginSettings,
+    pub limits: LimitSettings,
+    pub mfa: MfaSettings,
     pub mail: MailSettings,
     pub tracking: TrackingSettings,
     pub log: LogSettings,
@@ -67,6 +69,90 @@ impl Default for TrackingSettings {
 pub struct LoginSettings {
     /// Refuse to log in accounts whose email address is not verified yet.
     pub require_verified_email: bool,
+    /// Failed passwords an account (or an identifier that names none) may take before it
+    /// locks; durable, in the database.
+    pub account_lockout: Lockout,
+    /// The separate, smaller budget of each device the account already logged in from, so
+    /// that an attacker hammering the account from elsewhere cannot lock its owner out.
+    pub known_device_lockout: Lockout,
+    /// Failed logins from one IP address across all accounts before it is blocked.
+    pub ip_block: RateLimit,
+    /// Short-window throttle of failed logins per (IP address, device fingerprint).
+    pub client_throttle: RateLimit,
+}
+
+/// A durable failure budget: `max_failures` within `window` lock for `lockout`, doubled at
+/// each consecutive lockout up to `max_lockout`; a successful login resets both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lockout {
+    pub max_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    #[serde(with = "humantime_serde")]
+    pub lockout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_lockout: Duration,
+}
+
+impl Lockout {
+    /// How long the lockout after `previous` consecutive ones lasts.
+    pub fn duration_after(&self, previous: u32) -> Duration {
+        let factor = 1u32.checked_shl(previous.min(31)).unwrap_or(u32::MAX);
+        self.lockout.saturating_mul(factor).min(self.max_lockout)
+    }
+}
+
+/// A sliding-window limit in the hot state: `limit` events within `window`; when `block` is
+/// non-zero, reaching the limit blocks for that long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimit {
+    pub limit: u32,
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    #[serde(with = "humantime_serde", default)]
+    pub block: Duration,
+}
+
+impl RateLimit {
+    pub const fn new(limit: u32, window: Duration, block: Duration) -> RateLimit {
+        RateLimit { limit, window, block }
+    }
+}
+
+/// Request rate limits of the flows that send mail or create accounts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LimitSettings {
+    pub register_per_ip: RateLimit,
+    pub forgot_password_per_account: RateLimit,
+    pub forgot_password_per_ip: RateLimit,
+    pub resend_verification_per_account: RateLimit,
+    pub resend_verification_per_ip: RateLimit,
+    /// Tries of one MFA challenge; checked in the hot state and refused while it is down.
+    pub verify_mfa_per_challenge: RateLimit,
+    /// New-device alert mails per account (a flood of logins must not flood the mailbox).
+    pub new_device_alerts_per_account: RateLimit,
+}
+
+/// Second factors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MfaSettings {
+    /// The issuer shown by authenticator apps (`otpauth://totp/<issuer>:<account>`).
+    pub issuer: String,
+    /// Life of an emailed login code.
+    #[serde(with = "humantime_serde")]
+    pub email_code_ttl: Duration,
+    /// Life of a TOTP challenge (the time to open the app and type the code).
+    #[serde(with = "humantime_serde")]
+    pub totp_challenge_ttl: Duration,
+    /// Wrong second-factor codes per account (not per challenge: a new code does not reset
+    /// it) before the account's challenges die and further tries are refused.
+    pub code_lockout: Lockout,
+    /// TOTP steps accepted either side of now (clock drift between phone and server).
+    pub totp_skew_steps: u64,
+    /// Recovery codes handed out when TOTP is enabled.
+    pub recovery_codes: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -236,6 +322,8 @@ impl Default for Settings {
             sessions: SessionSettings::default(),
             password: PasswordSettings::default(),
             login: LoginSettings::default(),
+            limits: LimitSettings::default(),
+            mfa: MfaSettings::default(),
             mail: MailSettings::default(),
             tracking: TrackingSettings::default(),
             log: LogSettings::default(),
@@ -318,9 +406,62 @@ impl Default for PasswordSettings {
     }
 }
 
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// Defaults from OWASP (Authentication and Credential Stuffing cheat sheets) and NIST SP
+/// 800-63B §5.2.2 (at most 100 consecutive failures): see the README's configuration table.
 impl Default for LoginSettings {
     fn default() -> Self {
-        LoginSettings { require_verified_email: true }
+        LoginSettings {
+            require_verified_email: true,
+            account_lockout: Lockout {
+                max_failures: 10,
+                window: 15 * MINUTE,
+                lockout: 15 * MINUTE,
+                max_lockout: 24 * HOUR,
+            },
+            known_device_lockout: Lockout {
+                max_failures: 5,
+                window: 15 * MINUTE,
+                lockout: 5 * MINUTE,
+                max_lockout: HOUR,
+            },
+            ip_block: RateLimit::new(50, 15 * MINUTE, 15 * MINUTE),
+            client_throttle: RateLimit::new(5, Duration::from_secs(10), MINUTE),
+        }
+    }
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        LimitSettings {
+            register_per_ip: RateLimit::new(10, HOUR, Duration::ZERO),
+            forgot_password_per_account: RateLimit::new(3, HOUR, Duration::ZERO),
+            forgot_password_per_ip: RateLimit::new(20, HOUR, Duration::ZERO),
+            resend_verification_per_account: RateLimit::new(3, HOUR, Duration::ZERO),
+            resend_verification_per_ip: RateLimit::new(20, HOUR, Duration::ZERO),
+            verify_mfa_per_challenge: RateLimit::new(5, MINUTE, Duration::ZERO),
+            new_device_alerts_per_account: RateLimit::new(5, HOUR, Duration::ZERO),
+        }
+    }
+}
+
+impl Default for MfaSettings {
+    fn default() -> Self {
+        MfaSettings {
+            issuer: "Portcullis".into(),
+            email_code_ttl: 3 * MINUTE,
+            totp_challenge_ttl: 5 * MINUTE,
+            code_lockout: Lockout {
+                max_failures: 5,
+                window: 15 * MINUTE,
+                lockout: 15 * MINUTE,
+                max_lockout: HOUR,
+            },
+            totp_skew_steps: 1,
+            recovery_codes: 10,
+        }
     }
 }
 
@@ -434,6 +575,53 @@ impl Settings {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 10ms")));
             }
         }
+        for (name, lockout) in [
+            ("login.account_lockout", &self.login.account_lockout),
+            ("login.known_device_lockout", &self.login.known_device_lockout),
+            ("mfa.code_lockout", &self.mfa.code_lockout),
+        ] {
+            if lockout.max_failures == 0 || lockout.max_failures > 100 {
+                return Err(ConfigError::Invalid(format!(
+                    "{name}.max_failures must be between 1 and 100 (NIST SP 800-63B)"
+                )));
+            }
+            if lockout.window < Duration::from_millis(10) || lockout.lockout < Duration::from_millis(10) {
+                return Err(ConfigError::Invalid(format!(
+                    "{name}: window and lockout must be at least 10ms"
+                )));
+            }
+            if lockout.max_lockout < lockout.lockout {
+                return Err(ConfigError::Invalid(format!("{name}.max_lockout must be at least its lockout")));
+            }
+        }
+        for (name, limit) in [
+            ("login.ip_block", &self.login.ip_block),
+            ("login.client_throttle", &self.login.client_throttle),
+            ("limits.register_per_ip", &self.limits.register_per_ip),
+            ("limits.forgot_password_per_account", &self.limits.forgot_password_per_account),
+            ("limits.forgot_password_per_ip", &self.limits.forgot_password_per_ip),
+            ("limits.resend_verification_per_account", &self.limits.resend_verification_per_account),
+            ("limits.resend_verification_per_ip", &self.limits.resend_verification_per_ip),
+            ("limits.verify_mfa_per_challenge", &self.limits.verify_mfa_per_challenge),
+            ("limits.new_device_alerts_per_account", &self.limits.new_device_alerts_per_account),
+        ] {
+            if limit.limit == 0 || limit.window < Duration::from_millis(10) {
+                return Err(ConfigError::Invalid(format!(
+                    "{name}: limit must be at least 1 and window at least 10ms"
+                )));
+            }
+        }
+        if self.mfa.email_code_ttl < Duration::from_secs(1)
+            || self.mfa.totp_challenge_ttl < Duration::from_secs(1)
+        {
+            return invalid("mfa.email_code_ttl and mfa.totp_challenge_ttl must be at least 1s");
+        }
+        if self.mfa.totp_skew_steps > 2 {
+            return invalid("mfa.totp_skew_steps must be at most 2");
+        }
+        if !(5..=20).contains(&self.mfa.recovery_codes) {
+            return invalid("mfa.recovery_codes must be between 5 and 20");
+        }
         if self.database_url().starts_with("postgres")
             && self.redis_url.is_none()
             && !self.allow_memory_hot_state
@@ -540,6 +728,28 @@ mod tests {
             ..Settings::default()
         };
         assert!(huge.validate().unwrap_err().to_string().contains("absolute_lifetime"));
+    }
+
+    #[test]
+    fn lockouts_double_up_to_their_cap() {
+        let lockout = Lockout {
+            max_failures: 3,
+            window: Duration::from_secs(60),
+            lockout: Duration::from_secs(60),
+            max_lockout: Duration::from_secs(600),
+        };
+        assert_eq!(lockout.duration_after(0), Duration::from_secs(60));
+        assert_eq!(lockout.duration_after(1), Duration::from_secs(120));
+        assert_eq!(lockout.duration_after(3), Duration::from_secs(480));
+        assert_eq!(lockout.duration_after(4), Duration::from_secs(600));
+        assert_eq!(lockout.duration_after(u32::MAX), Duration::from_secs(600));
+    }
+
+    #[test]
+    fn lockout_budgets_beyond_nist_are_refused() {
+        let mut settings = Settings::default();
+        settings.login.account_lockout.max_failures = 101;
+        assert!(settings.validate().unwrap_err().to_string().contains("account_lockout"));
     }
 
     #[test]

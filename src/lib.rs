@@ -12,6 +12,7 @@ pub mod config;
 pub mod geo;
 pub mod hot;
 pub mod mail;
+pub mod mfa;
 pub mod password;
 pub mod startup;
 pub mod store;

@@ -109,6 +109,25 @@ conformance!(
     login_attempts_paginate_without_gaps_or_duplicates,
     purge_login_attempts_deletes_only_older,
     delete_user_deletes_its_login_attempts,
+    guard_reserves_the_budget_then_is_exhausted,
+    guard_window_restarts,
+    guard_locks_once_and_answers_locked,
+    guard_lock_expiry_gives_a_fresh_budget_keeping_lockouts,
+    guard_forgets_lockouts_after_a_quiet_spell,
+    clear_guard_forgets_everything,
+    concurrent_reservations_never_exceed_the_budget,
+    purge_login_guards_keeps_recent_and_locked,
+    delete_user_deletes_guards_and_second_factors,
+    mfa_challenge_create_find_expire_consume,
+    concurrent_challenge_consumers_spend_once,
+    newer_challenge_kills_older_of_the_same_method,
+    activate_totp_is_compare_and_swap,
+    advance_totp_step_is_monotonic_and_once,
+    recovery_codes_are_single_use,
+    disable_totp_clears_everything,
+    is_known_device_reflects_sightings,
+    user_record_flags_reflect_mfa_state,
+    session_amr_round_trips,
 );
 
 /// Behaviour of SQLite alone: opening, in-memory databases, corrupt rows.
@@ -169,9 +188,10 @@ mod sqlite_specific {
 
 mod cases {
     use portcullis::store::{
-        AttemptOutcome, DeviceInfo, DynStore, Location, LoginAttempt, NewLoginAttempt, NewMail,
-        NewOneTimeToken, NewSession, NewUser, OutboxMail, ProfileChanges, RefreshRotation, RevokeReason,
-        RotateOutcome, SessionRecord, SpentToken, StoreError, TokenPurpose, UserRecord,
+        AttemptOutcome, DeviceInfo, DeviceSighting, DynStore, GuardBudget, GuardKey, GuardState, Location,
+        LoginAttempt, MfaChallenge, MfaMethod, NewLoginAttempt, NewMail, NewMfaChallenge, NewOneTimeToken,
+        NewSession, NewUser, OutboxMail, ProfileChanges, RefreshRotation, RevokeReason, RotateOutcome,
+        SessionRecord, SpentToken, StoreError, TokenPurpose, TotpState, TryReservation, UserRecord,
     };
     use time::{Duration, OffsetDateTime};
     use uuid::Uuid;
@@ -219,6 +239,7 @@ mod cases {
             location: None,
             created_at,
             expires_at: created_at + Duration::days(30),
+            amr: vec!["pwd".to_owned()],
         }
     }
 
@@ -266,6 +287,8 @@ mod cases {
             roles: vec!["user".to_owned()],
             email_verified_at: None,
             created_at: new.created_at,
+            email_otp_enabled: false,
+            totp_enabled: false,
         };
         assert_eq!(created, expected);
 
@@ -373,6 +396,7 @@ mod cases {
             refreshed_at: t,
             expires_at: new.expires_at,
             revoked_at: None,
+            amr: vec!["pwd".to_owned()],
         };
         assert_eq!(created, expected);
         assert_eq!(store.find_session(new.id).await.unwrap(), Some(expected));
@@ -1619,6 +1643,747 @@ mod cases {
             assert_eq!(purged, u64::from(*survives), "{:?} survives: {survives}", attempt.identifier);
         }
     }
+
+    // Login guards: durable failure budgets.
+
+    fn account_guard(user_id: Uuid) -> GuardKey {
+        GuardKey { subject: format!("u:{user_id}"), scope: "account".to_owned(), user_id: Some(user_id) }
+    }
+
+    /// A guard of an identifier that named no account.
+    fn unknown_guard() -> GuardKey {
+        GuardKey {
+            subject: format!("i:{}", Uuid::new_v4().simple()),
+            scope: "account".to_owned(),
+            user_id: None,
+        }
+    }
+
+    /// `max_failures` per `window_minutes`; lockouts forgotten after a day without a lock.
+    fn budget(max_failures: u32, window_minutes: u64) -> GuardBudget {
+        GuardBudget {
+            max_failures,
+            window: std::time::Duration::from_secs(window_minutes * 60),
+            forget_lockouts_after: std::time::Duration::from_secs(24 * 3600),
+        }
+    }
+
+    fn reserved(failures: u32, lockouts: u32) -> TryReservation {
+        TryReservation::Reserved { failures, lockouts }
+    }
+
+    async fn reserve(
+        store: &DynStore,
+        key: &GuardKey,
+        budget: &GuardBudget,
+        t: OffsetDateTime,
+    ) -> TryReservation {
+        store.reserve_try(key, budget, t).await.expect("reserve a try")
+    }
+
+    /// Uses up `key`'s budget at `t` and locks it until `until`.
+    async fn lock_out(
+        store: &DynStore,
+        key: &GuardKey,
+        budget: &GuardBudget,
+        t: OffsetDateTime,
+        until: OffsetDateTime,
+    ) {
+        let lockouts = store.guard_state(key).await.unwrap().map_or(0, |state| state.lockouts);
+        for failures in 1..=budget.max_failures {
+            assert_eq!(reserve(store, key, budget, t).await, reserved(failures, lockouts));
+        }
+        assert!(store.lock_guard(key, until, t).await.unwrap());
+    }
+
+    pub async fn guard_reserves_the_budget_then_is_exhausted(store: DynStore) {
+        let owner = user(&store, "guarded").await;
+        let key = account_guard(owner.id);
+        let budget = budget(3, 15);
+        let t0 = now() - Duration::minutes(5);
+        assert_eq!(store.guard_state(&key).await.unwrap(), None);
+
+        for failures in 1..=3 {
+            let t = t0 + Duration::seconds(i64::from(failures));
+            assert_eq!(reserve(&store, &key, &budget, t).await, reserved(failures, 0));
+        }
+        let state = GuardState {
+            failures: 3,
+            first_failure_at: t0 + Duration::seconds(1),
+            locked_until: None,
+            lockouts: 0,
+        };
+        assert_eq!(store.guard_state(&key).await.unwrap(), Some(state));
+
+        // Used up by tries still in flight: refused, and nothing changes.
+        for _ in 0..2 {
+            assert_eq!(
+                reserve(&store, &key, &budget, t0 + Duration::minutes(1)).await,
+                TryReservation::Exhausted { lockouts: 0 }
+            );
+        }
+        assert_eq!(store.guard_state(&key).await.unwrap(), Some(state));
+
+        // Other scopes and subjects have budgets of their own.
+        let device = GuardKey { scope: "device:0a0b".to_owned(), ..key.clone() };
+        let otp = GuardKey { scope: "otp".to_owned(), ..key.clone() };
+        let stranger = unknown_guard();
+        for other in [&device, &otp, &stranger] {
+            assert_eq!(reserve(&store, other, &budget, t0).await, reserved(1, 0), "{other:?}");
+        }
+        assert_eq!(store.guard_state(&key).await.unwrap(), Some(state));
+    }
+
+    pub async fn guard_window_restarts(store: DynStore) {
+        let key = unknown_guard();
+        let budget = budget(3, 10);
+        let t0 = now() - Duration::hours(1);
+        assert_eq!(reserve(&store, &key, &budget, t0).await, reserved(1, 0));
+        assert_eq!(reserve(&store, &key, &budget, t0 + Duration::minutes(5)).await, reserved(2, 0));
+        // Within the window (which counts from its first failure) the count goes on.
+        let window_end = t0 + Duration::minutes(10);
+        let just_before = window_end - Duration::microseconds(1);
+        assert_eq!(reserve(&store, &key, &budget, just_before).await, reserved(3, 0));
+        assert_eq!(
+            reserve(&store, &key, &budget, just_before).await,
+            TryReservation::Exhausted { lockouts: 0 }
+        );
+
+        // From the window's end, the try starts a new one.
+        assert_eq!(reserve(&store, &key, &budget, window_end).await, reserved(1, 0));
+        let state = store.guard_state(&key).await.unwrap().unwrap();
+        assert_eq!((state.failures, state.first_failure_at), (1, window_end));
+        assert_eq!(reserve(&store, &key, &budget, window_end + Duration::minutes(9)).await, reserved(2, 0));
+    }
+
+    pub async fn guard_locks_once_and_answers_locked(store: DynStore) {
+        let owner = user(&store, "lockme").await;
+        let key = account_guard(owner.id);
+        let budget = budget(2, 15);
+        let t = now() - Duration::minutes(1);
+        let until = t + Duration::minutes(5);
+        lock_out(&store, &key, &budget, t, until).await;
+        // Only one of two callers locks (and alerts).
+        assert!(!store.lock_guard(&key, until + Duration::minutes(5), t).await.unwrap());
+        let locked = GuardState { failures: 0, first_failure_at: t, locked_until: Some(until), lockouts: 1 };
+        assert_eq!(store.guard_state(&key).await.unwrap(), Some(locked));
+
+        // Locked: refused with the lock's end, and nothing changes; even after the window.
+        for at in [t, until - Duration::microseconds(1), t + Duration::minutes(4)] {
+            assert_eq!(reserve(&store, &key, &budget, at).await, TryReservation::Locked { until });
+        }
+        assert_eq!(
+            reserve(&store, &key, &budget, until - Duration::microseconds(1)).await,
+            TryReservation::Locked { until }
+        );
+        let short_window = GuardBudget { window: std::time::Duration::from_secs(1), ..budget };
+        assert_eq!(
+            reserve(&store, &key, &short_window, until - Duration::seconds(1)).await,
+            TryReservation::Locked { until }
+        );
+        assert_eq!(store.guard_state(&key).await.unwrap(), Some(locked));
+
+        // An unknown guard cannot be locked.
+        assert!(!store.lock_guard(&unknown_guard(), until, t).await.unwrap());
+    }
+
+    pub async fn guard_lock_expiry_gives_a_fresh_budget_keeping_lockouts(store: DynStore) {
+        let key = unknown_guard();
+        let budget = budget(2, 60);
+        let t0 = now() - Duration::hours(2);
+        let first_end = t0 + Duration::minutes(1);
+        lock_out(&store, &key, &budget, t0, first_end).await;
+
+        // From the lock's end: a fresh budget, within the same window, lockouts kept.
+        assert_eq!(reserve(&store, &key, &budget, first_end).await, reserved(1, 1));
+        assert_eq!(reserve(&store, &key, &budget, first_end).await, reserved(2, 1));
+        assert_eq!(
+            reserve(&store, &key, &budget, first_end).await,
+            TryReservation::Exhausted { lockouts: 1 }
+        );
+        let second_end = first_end + Duration::minutes(2);
+        assert!(store.lock_guard(&key, second_end, first_end).await.unwrap());
+        let state = store.guard_state(&key).await.unwrap().unwrap();
+        assert_eq!((state.failures, state.locked_until, state.lockouts), (0, Some(second_end), 2));
+
+        // A lock that has ended can be set again (its end is not a lock).
+        assert_eq!(reserve(&store, &key, &budget, second_end).await, reserved(1, 2));
+        assert!(store.lock_guard(&key, second_end + Duration::minutes(4), second_end).await.unwrap());
+        assert_eq!(store.guard_state(&key).await.unwrap().unwrap().lockouts, 3);
+    }
+
+    pub async fn guard_forgets_lockouts_after_a_quiet_spell(store: DynStore) {
+        let key = unknown_guard();
+        // Windows of 10 minutes; lockouts forgotten one hour after the last lock ended.
+        let budget =
+            GuardBudget { forget_lockouts_after: std::time::Duration::from_secs(3600), ..budget(2, 10) };
+        let t0 = now() - Duration::hours(3);
+        let lock_end = t0 + Duration::minutes(1);
+        lock_out(&store, &key, &budget, t0, lock_end).await;
+
+        // A new window, but the lock ended less than an hour ago: lockouts kept.
+        let t1 = lock_end + Duration::hours(1) - Duration::microseconds(1);
+        assert_eq!(reserve(&store, &key, &budget, t1).await, reserved(1, 1));
+        // Within a window they are never forgotten, however long the lock is past.
+        let t2 = t1 + Duration::minutes(9);
+        assert_eq!(reserve(&store, &key, &budget, t2).await, reserved(2, 1));
+        // The next window, an hour or more after the lock ended: forgotten.
+        let t3 = t1 + Duration::minutes(10);
+        assert_eq!(reserve(&store, &key, &budget, t3).await, reserved(1, 0));
+        assert_eq!(store.guard_state(&key).await.unwrap().unwrap().lockouts, 0);
+    }
+
+    pub async fn clear_guard_forgets_everything(store: DynStore) {
+        let owner = user(&store, "cleared").await;
+        let key = account_guard(owner.id);
+        let other = GuardKey { scope: "otp".to_owned(), ..key.clone() };
+        let budget = budget(2, 15);
+        let t = now() - Duration::minutes(1);
+        lock_out(&store, &key, &budget, t, t + Duration::seconds(10)).await;
+        let t1 = t + Duration::seconds(10);
+        assert_eq!(reserve(&store, &key, &budget, t1).await, reserved(1, 1));
+        assert_eq!(reserve(&store, &other, &budget, t1).await, reserved(1, 0));
+
+        store.clear_guard(&key).await.unwrap();
+        assert_eq!(store.guard_state(&key).await.unwrap(), None);
+        assert_eq!(reserve(&store, &key, &budget, t1).await, reserved(1, 0));
+        // Only that guard.
+        assert_eq!(store.guard_state(&other).await.unwrap().map(|s| s.failures), Some(1));
+
+        // A locked guard too; and clearing an unknown guard is a no-op.
+        assert_eq!(reserve(&store, &key, &budget, t1).await, reserved(2, 0));
+        assert!(store.lock_guard(&key, t1 + Duration::hours(1), t1).await.unwrap());
+        assert!(matches!(reserve(&store, &key, &budget, t1).await, TryReservation::Locked { .. }));
+        store.clear_guard(&key).await.unwrap();
+        assert_eq!(reserve(&store, &key, &budget, t1).await, reserved(1, 0));
+        store.clear_guard(&unknown_guard()).await.unwrap();
+    }
+
+    /// Of any number of concurrent tries on one key, exactly the budget is counted; of
+    /// concurrent lockers, exactly one locks.
+    pub async fn concurrent_reservations_never_exceed_the_budget(store: DynStore) {
+        let owner = user(&store, "hammered").await;
+        let key = account_guard(owner.id);
+        let budget = budget(5, 15);
+        let t = now();
+        let tasks: Vec<_> = (0..200)
+            .map(|_| {
+                let (store, key) = (store.clone(), key.clone());
+                tokio::spawn(async move { store.reserve_try(&key, &budget, t).await })
+            })
+            .collect();
+        let mut counted = Vec::new();
+        for task in tasks {
+            match task.await.expect("task").expect("no reservation may fail") {
+                TryReservation::Reserved { failures, lockouts: 0 } => counted.push(failures),
+                TryReservation::Exhausted { lockouts: 0 } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        counted.sort();
+        assert_eq!(counted, vec![1, 2, 3, 4, 5], "each failure number once");
+        assert_eq!(store.guard_state(&key).await.unwrap().unwrap().failures, 5);
+
+        let until = t + Duration::minutes(1);
+        let lockers: Vec<_> = (0..20)
+            .map(|_| {
+                let (store, key) = (store.clone(), key.clone());
+                tokio::spawn(async move { store.lock_guard(&key, until, t).await })
+            })
+            .collect();
+        let mut locked = 0;
+        for task in lockers {
+            locked += usize::from(task.await.expect("task").expect("no lock may fail"));
+        }
+        assert_eq!(locked, 1);
+        assert_eq!(store.guard_state(&key).await.unwrap().unwrap().lockouts, 1);
+    }
+
+    pub async fn purge_login_guards_keeps_recent_and_locked(store: DynStore) {
+        let budget = budget(1, 60);
+        let t = now();
+        let cutoff = t - Duration::days(1);
+        let old = unknown_guard();
+        let old_lock_ended = unknown_guard();
+        let old_still_locked = unknown_guard();
+        let old_locked_to_cutoff = unknown_guard();
+        let at_cutoff = unknown_guard();
+        let recent = unknown_guard();
+        let long_ago = cutoff - Duration::days(1);
+        for key in [&old, &old_lock_ended, &old_still_locked, &old_locked_to_cutoff] {
+            reserve(&store, key, &budget, long_ago).await;
+        }
+        reserve(&store, &at_cutoff, &budget, cutoff).await;
+        reserve(&store, &recent, &budget, t).await;
+        store.lock_guard(&old_lock_ended, cutoff - Duration::microseconds(1), long_ago).await.unwrap();
+        store.lock_guard(&old_still_locked, t + Duration::days(1), long_ago).await.unwrap();
+        store.lock_guard(&old_locked_to_cutoff, cutoff, long_ago).await.unwrap();
+
+        assert_eq!(store.purge_login_guards(cutoff).await.unwrap(), 2);
+        for (key, kept) in [
+            (&old, false),
+            (&old_lock_ended, false),
+            (&old_still_locked, true),
+            (&old_locked_to_cutoff, true),
+            (&at_cutoff, true),
+            (&recent, true),
+        ] {
+            assert_eq!(store.guard_state(key).await.unwrap().is_some(), kept, "{key:?}");
+        }
+        assert_eq!(store.purge_login_guards(cutoff).await.unwrap(), 0);
+    }
+
+    /// Deleting an account deletes its guards, challenges, recovery codes and devices.
+    pub async fn delete_user_deletes_guards_and_second_factors(store: DynStore) {
+        let doomed = user(&store, "doomed").await;
+        let kept = user(&store, "kept").await;
+        let budget = budget(3, 15);
+        let t = now();
+        let keys = |id: Uuid| {
+            let account = account_guard(id);
+            let device = GuardKey { scope: "device:ff".to_owned(), ..account.clone() };
+            let otp = GuardKey { scope: "otp".to_owned(), ..account.clone() };
+            [account, device, otp]
+        };
+        let unknown = unknown_guard();
+        for key in keys(doomed.id).iter().chain(&keys(kept.id)).chain([&unknown]) {
+            reserve(&store, key, &budget, t).await;
+        }
+        let doomed_challenge = new_challenge(doomed.id, MfaMethod::EmailOtp, t);
+        let kept_challenge = new_challenge(kept.id, MfaMethod::EmailOtp, t);
+        let codes = [random_hash(), random_hash()];
+        for (user_id, challenge) in [(doomed.id, &doomed_challenge), (kept.id, &kept_challenge)] {
+            enable_totp(&store, user_id, &codes, t).await;
+            create_challenge(&store, challenge).await;
+            sight(&store, user_id, [9u8; 32], t).await;
+        }
+
+        let mut tx = store.begin().await.unwrap();
+        tx.delete_user(doomed.id, t).await.unwrap();
+        tx.commit().await.unwrap();
+
+        for key in keys(doomed.id) {
+            assert_eq!(store.guard_state(&key).await.unwrap(), None, "{key:?}");
+        }
+        assert_eq!(store.find_mfa_challenge(&doomed_challenge.token_hash, t).await.unwrap(), None);
+        assert_eq!(store.remaining_recovery_codes(doomed.id).await.unwrap(), 0);
+        assert_eq!(store.totp_state(doomed.id).await.unwrap(), None);
+        assert!(!store.is_known_device(doomed.id, &[9u8; 32]).await.unwrap());
+
+        // The other account's, and the unknown identifier's, are untouched.
+        for key in keys(kept.id).iter().chain([&unknown]) {
+            assert_eq!(store.guard_state(key).await.unwrap().map(|s| s.failures), Some(1), "{key:?}");
+        }
+        assert!(store.find_mfa_challenge(&kept_challenge.token_hash, t).await.unwrap().is_some());
+        assert_eq!(store.remaining_recovery_codes(kept.id).await.unwrap(), 2);
+        assert!(store.is_known_device(kept.id, &[9u8; 32]).await.unwrap());
+    }
+
+    // Second factors.
+
+    fn new_challenge(user_id: Uuid, method: MfaMethod, created_at: OffsetDateTime) -> NewMfaChallenge {
+        NewMfaChallenge {
+            id: Uuid::new_v4(),
+            token_hash: random_hash(),
+            user_id,
+            method,
+            code_hash: (method == MfaMethod::EmailOtp).then(random_hash),
+            created_at,
+            expires_at: created_at + Duration::minutes(3),
+        }
+    }
+
+    fn found(challenge: &NewMfaChallenge) -> MfaChallenge {
+        MfaChallenge {
+            id: challenge.id,
+            user_id: challenge.user_id,
+            method: challenge.method,
+            code_hash: challenge.code_hash.clone(),
+            expires_at: challenge.expires_at,
+        }
+    }
+
+    async fn create_challenge(store: &DynStore, challenge: &NewMfaChallenge) {
+        let mut tx = store.begin().await.expect("begin");
+        tx.create_mfa_challenge(challenge).await.expect("create challenge");
+        tx.commit().await.expect("commit");
+    }
+
+    async fn find_challenge(
+        store: &DynStore,
+        challenge: &NewMfaChallenge,
+        t: OffsetDateTime,
+    ) -> Option<MfaChallenge> {
+        store.find_mfa_challenge(&challenge.token_hash, t).await.expect("find challenge")
+    }
+
+    /// A fresh random sealed secret.
+    fn sealed_secret() -> Vec<u8> {
+        random_hash()
+    }
+
+    /// Enables TOTP, as enrolment does: a pending secret, then its activation at step 1000.
+    /// Returns the secret.
+    async fn enable_totp(store: &DynStore, user_id: Uuid, codes: &[Vec<u8>], t: OffsetDateTime) -> Vec<u8> {
+        let secret = sealed_secret();
+        let mut tx = store.begin().await.unwrap();
+        tx.set_totp_pending(user_id, Some(&secret), t).await.unwrap();
+        tx.commit().await.unwrap();
+        let mut tx = store.begin().await.unwrap();
+        assert!(tx.activate_totp(user_id, &secret, 1000, codes, t).await.unwrap());
+        tx.commit().await.unwrap();
+        secret
+    }
+
+    pub async fn mfa_challenge_create_find_expire_consume(store: DynStore) {
+        let owner = user(&store, "challenged").await;
+        let t = now();
+        let challenge = new_challenge(owner.id, MfaMethod::EmailOtp, t);
+
+        // Rolled back: nothing.
+        let mut tx = store.begin().await.unwrap();
+        tx.create_mfa_challenge(&challenge).await.unwrap();
+        drop(tx);
+        assert_eq!(find_challenge(&store, &challenge, t).await, None);
+
+        create_challenge(&store, &challenge).await;
+        assert_eq!(find_challenge(&store, &challenge, t).await, Some(found(&challenge)));
+        let totp = new_challenge(owner.id, MfaMethod::Totp, t);
+        create_challenge(&store, &totp).await;
+        assert_eq!(find_challenge(&store, &totp, t).await, Some(found(&totp)));
+        assert_eq!(found(&totp).code_hash, None);
+
+        // Expired at expires_at, alive one microsecond before.
+        let expiry = challenge.expires_at;
+        assert_eq!(find_challenge(&store, &challenge, expiry).await, None);
+        assert!(!store.consume_mfa_challenge(challenge.id, expiry).await.unwrap());
+        let just_before = expiry - Duration::microseconds(1);
+        assert!(find_challenge(&store, &challenge, just_before).await.is_some());
+
+        // Consumed once only.
+        assert!(store.consume_mfa_challenge(challenge.id, just_before).await.unwrap());
+        assert!(!store.consume_mfa_challenge(challenge.id, just_before).await.unwrap());
+        assert_eq!(find_challenge(&store, &challenge, t).await, None);
+        // The other one is untouched.
+        assert!(find_challenge(&store, &totp, t).await.is_some());
+
+        // Unknown.
+        assert_eq!(store.find_mfa_challenge(&random_hash(), t).await.unwrap(), None);
+        assert!(!store.consume_mfa_challenge(Uuid::new_v4(), t).await.unwrap());
+    }
+
+    pub async fn concurrent_challenge_consumers_spend_once(store: DynStore) {
+        let owner = user(&store, "racer").await;
+        let t = now();
+        let challenge = new_challenge(owner.id, MfaMethod::Totp, t);
+        create_challenge(&store, &challenge).await;
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move { store.consume_mfa_challenge(challenge.id, t).await })
+            })
+            .collect();
+        let mut consumed = 0;
+        for task in tasks {
+            consumed += usize::from(task.await.expect("task").expect("no consume may fail"));
+        }
+        assert_eq!(consumed, 1);
+    }
+
+    pub async fn newer_challenge_kills_older_of_the_same_method(store: DynStore) {
+        let owner = user(&store, "newest").await;
+        let other = user(&store, "bystander").await;
+        let t = now();
+        let older_email = new_challenge(owner.id, MfaMethod::EmailOtp, t);
+        let totp = new_challenge(owner.id, MfaMethod::Totp, t);
+        let others = new_challenge(other.id, MfaMethod::EmailOtp, t);
+        for challenge in [&older_email, &totp, &others] {
+            create_challenge(&store, challenge).await;
+        }
+        let newer_email = new_challenge(owner.id, MfaMethod::EmailOtp, t + Duration::seconds(1));
+        create_challenge(&store, &newer_email).await;
+
+        let later = t + Duration::seconds(2);
+        assert_eq!(find_challenge(&store, &older_email, later).await, None);
+        assert!(!store.consume_mfa_challenge(older_email.id, later).await.unwrap());
+        for live in [&newer_email, &totp, &others] {
+            assert!(find_challenge(&store, live, later).await.is_some());
+        }
+
+        // A used-up budget kills all of the user's live challenges, whatever their method.
+        assert_eq!(store.consume_mfa_challenges_of(owner.id, later).await.unwrap(), 2);
+        for dead in [&newer_email, &totp] {
+            assert_eq!(find_challenge(&store, dead, later).await, None);
+        }
+        assert!(find_challenge(&store, &others, later).await.is_some());
+        assert_eq!(store.consume_mfa_challenges_of(owner.id, later).await.unwrap(), 0);
+    }
+
+    pub async fn activate_totp_is_compare_and_swap(store: DynStore) {
+        let owner = user(&store, "enrolling").await;
+        let t = now();
+        let empty = TotpState { secret: None, pending_secret: None, last_step: None };
+        assert_eq!(store.totp_state(owner.id).await.unwrap(), Some(empty.clone()));
+        assert_eq!(store.totp_state(Uuid::new_v4()).await.unwrap(), None);
+
+        // Nothing pending: nothing to activate.
+        let stale = sealed_secret();
+        let mut tx = store.begin().await.unwrap();
+        assert!(!tx.activate_totp(owner.id, &stale, 10, &[random_hash()], t).await.unwrap());
+        tx.commit().await.unwrap();
+        assert_eq!(store.totp_state(owner.id).await.unwrap(), Some(empty));
+
+        // Begun twice: only the latest secret activates.
+        let pending = sealed_secret();
+        for secret in [&stale, &pending] {
+            let mut tx = store.begin().await.unwrap();
+            tx.set_totp_pending(owner.id, Some(secret), t).await.unwrap();
+            tx.commit().await.unwrap();
+        }
+        let pending_state =
+            TotpState { secret: None, pending_secret: Some(pending.clone()), last_step: None };
+        assert_eq!(store.totp_state(owner.id).await.unwrap(), Some(pending_state.clone()));
+        let mut tx = store.begin().await.unwrap();
+        assert!(!tx.activate_totp(owner.id, &stale, 10, &[random_hash()], t).await.unwrap());
+        tx.commit().await.unwrap();
+        assert_eq!(store.totp_state(owner.id).await.unwrap(), Some(pending_state.clone()));
+
+        // Rolled back: still pending.
+        let codes = vec![random_hash(), random_hash(), random_hash()];
+        let mut tx = store.begin().await.unwrap();
+        assert!(tx.activate_totp(owner.id, &pending, 10, &codes, t).await.unwrap());
+        drop(tx);
+        assert_eq!(store.totp_state(owner.id).await.unwrap(), Some(pending_state));
+        assert_eq!(store.remaining_recovery_codes(owner.id).await.unwrap(), 0);
+
+        let mut tx = store.begin().await.unwrap();
+        assert!(tx.activate_totp(owner.id, &pending, 10, &codes, t).await.unwrap());
+        tx.commit().await.unwrap();
+        let enabled = TotpState { secret: Some(pending.clone()), pending_secret: None, last_step: Some(10) };
+        assert_eq!(store.totp_state(owner.id).await.unwrap(), Some(enabled.clone()));
+        assert_eq!(store.remaining_recovery_codes(owner.id).await.unwrap(), 3);
+        // Once: the pending secret is gone.
+        let mut tx = store.begin().await.unwrap();
+        assert!(!tx.activate_totp(owner.id, &pending, 11, &[random_hash()], t).await.unwrap());
+        tx.commit().await.unwrap();
+        assert_eq!(store.totp_state(owner.id).await.unwrap(), Some(enabled));
+
+        // Enrolling again leaves the enabled secret until the new one activates; then its
+        // recovery codes replace the old ones.
+        let replacement = sealed_secret();
+        let mut tx = store.begin().await.unwrap();
+        tx.set_totp_pending(owner.id, Some(&replacement), t).await.unwrap();
+        tx.commit().await.unwrap();
+        let state = store.totp_state(owner.id).await.unwrap().unwrap();
+        assert_eq!(
+            (state.secret.as_ref(), state.pending_secret.as_ref()),
+            (Some(&pending), Some(&replacement))
+        );
+        assert!(store.find_user(owner.id).await.unwrap().unwrap().totp_enabled);
+        let new_codes = vec![random_hash()];
+        let mut tx = store.begin().await.unwrap();
+        assert!(tx.activate_totp(owner.id, &replacement, 20, &new_codes, t).await.unwrap());
+        tx.commit().await.unwrap();
+        let replaced = TotpState { secret: Some(replacement), pending_secret: None, last_step: Some(20) };
+        assert_eq!(store.totp_state(owner.id).await.unwrap(), Some(replaced));
+        assert_eq!(store.remaining_recovery_codes(owner.id).await.unwrap(), 1);
+        assert!(!store.consume_recovery_code(owner.id, &codes[0], t).await.unwrap());
+        assert!(store.consume_recovery_code(owner.id, &new_codes[0], t).await.unwrap());
+
+        // Dropping a pending secret.
+        let mut tx = store.begin().await.unwrap();
+        tx.set_totp_pending(owner.id, Some(&sealed_secret()), t).await.unwrap();
+        tx.set_totp_pending(owner.id, None, t).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(store.totp_state(owner.id).await.unwrap().unwrap().pending_secret, None);
+    }
+
+    pub async fn advance_totp_step_is_monotonic_and_once(store: DynStore) {
+        let owner = user(&store, "stepper").await;
+        let t = now();
+        // Without TOTP, no step is accepted.
+        assert!(!store.advance_totp_step(owner.id, 1).await.unwrap());
+        assert!(!store.advance_totp_step(Uuid::new_v4(), 1).await.unwrap());
+
+        // Enabled at step 1000 (the confirming code's step is used).
+        enable_totp(&store, owner.id, &[], t).await;
+        for replay in [999, 1000] {
+            assert!(!store.advance_totp_step(owner.id, replay).await.unwrap(), "{replay}");
+        }
+        assert!(store.advance_totp_step(owner.id, 1001).await.unwrap());
+        assert!(!store.advance_totp_step(owner.id, 1001).await.unwrap());
+        // Steps may be skipped, never gone back to.
+        assert!(store.advance_totp_step(owner.id, 1003).await.unwrap());
+        assert!(!store.advance_totp_step(owner.id, 1002).await.unwrap());
+        assert_eq!(store.totp_state(owner.id).await.unwrap().unwrap().last_step, Some(1003));
+
+        // Concurrent uses of one step: exactly one.
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move { store.advance_totp_step(owner.id, 1010).await })
+            })
+            .collect();
+        let mut advanced = 0;
+        for task in tasks {
+            advanced += usize::from(task.await.expect("task").expect("no step may fail"));
+        }
+        assert_eq!(advanced, 1);
+        assert_eq!(store.totp_state(owner.id).await.unwrap().unwrap().last_step, Some(1010));
+    }
+
+    pub async fn recovery_codes_are_single_use(store: DynStore) {
+        let owner = user(&store, "recovering").await;
+        let other = user(&store, "neighbour").await;
+        let t = now();
+        let codes = vec![random_hash(), random_hash(), random_hash()];
+        enable_totp(&store, owner.id, &codes, t).await;
+        enable_totp(&store, other.id, &[random_hash()], t).await;
+        assert_eq!(store.remaining_recovery_codes(owner.id).await.unwrap(), 3);
+
+        assert!(store.consume_recovery_code(owner.id, &codes[0], t).await.unwrap());
+        assert!(!store.consume_recovery_code(owner.id, &codes[0], t).await.unwrap());
+        assert_eq!(store.remaining_recovery_codes(owner.id).await.unwrap(), 2);
+        // Another user's code, or an unknown one: no.
+        assert!(!store.consume_recovery_code(other.id, &codes[1], t).await.unwrap());
+        assert!(!store.consume_recovery_code(owner.id, &random_hash(), t).await.unwrap());
+        assert_eq!(store.remaining_recovery_codes(other.id).await.unwrap(), 1);
+
+        // Concurrent uses of one code: exactly one.
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let (store, code) = (store.clone(), codes[1].clone());
+                tokio::spawn(async move { store.consume_recovery_code(owner.id, &code, t).await })
+            })
+            .collect();
+        let mut used = 0;
+        for task in tasks {
+            used += usize::from(task.await.expect("task").expect("no use may fail"));
+        }
+        assert_eq!(used, 1);
+        assert_eq!(store.remaining_recovery_codes(owner.id).await.unwrap(), 1);
+        assert_eq!(store.remaining_recovery_codes(Uuid::new_v4()).await.unwrap(), 0);
+    }
+
+    pub async fn disable_totp_clears_everything(store: DynStore) {
+        let owner = user(&store, "disabling").await;
+        let other = user(&store, "unaffected").await;
+        let t = now();
+        let codes = vec![random_hash(), random_hash()];
+        enable_totp(&store, owner.id, &codes, t).await;
+        enable_totp(&store, other.id, &codes, t).await;
+        let totp = new_challenge(owner.id, MfaMethod::Totp, t);
+        let email = new_challenge(owner.id, MfaMethod::EmailOtp, t);
+        let others = new_challenge(other.id, MfaMethod::Totp, t);
+        for challenge in [&totp, &email, &others] {
+            create_challenge(&store, challenge).await;
+        }
+        let mut tx = store.begin().await.unwrap();
+        tx.set_totp_pending(owner.id, Some(&sealed_secret()), t).await.unwrap();
+        tx.commit().await.unwrap();
+
+        // Rolled back: nothing happens.
+        let mut tx = store.begin().await.unwrap();
+        tx.disable_totp(owner.id, t).await.unwrap();
+        drop(tx);
+        assert!(store.find_user(owner.id).await.unwrap().unwrap().totp_enabled);
+        assert!(find_challenge(&store, &totp, t).await.is_some());
+
+        let mut tx = store.begin().await.unwrap();
+        tx.disable_totp(owner.id, t).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(
+            store.totp_state(owner.id).await.unwrap(),
+            Some(TotpState { secret: None, pending_secret: None, last_step: None })
+        );
+        assert!(!store.find_user(owner.id).await.unwrap().unwrap().totp_enabled);
+        assert_eq!(store.remaining_recovery_codes(owner.id).await.unwrap(), 0);
+        assert!(!store.consume_recovery_code(owner.id, &codes[0], t).await.unwrap());
+        assert!(!store.advance_totp_step(owner.id, 5000).await.unwrap());
+        assert_eq!(find_challenge(&store, &totp, t).await, None);
+        // The emailed code's challenge is not TOTP's: it stays.
+        assert!(find_challenge(&store, &email, t).await.is_some());
+
+        // The other account keeps everything.
+        assert!(store.find_user(other.id).await.unwrap().unwrap().totp_enabled);
+        assert_eq!(store.remaining_recovery_codes(other.id).await.unwrap(), 2);
+        assert!(find_challenge(&store, &others, t).await.is_some());
+
+        // Enabling again starts afresh: no step is a replay of the old secret's.
+        enable_totp(&store, owner.id, &[], t).await;
+        assert!(store.advance_totp_step(owner.id, 1001).await.unwrap());
+    }
+
+    pub async fn is_known_device_reflects_sightings(store: DynStore) {
+        let owner = user(&store, "devices").await;
+        let other = user(&store, "elsewhere").await;
+        let t = now();
+        let laptop = [7u8; 32];
+        assert!(!store.is_known_device(owner.id, &laptop).await.unwrap());
+        // Asking notes nothing: the first sighting is still new.
+        assert_eq!(sight(&store, owner.id, laptop, t).await, DeviceSighting::New { first_device: true });
+        assert!(store.is_known_device(owner.id, &laptop).await.unwrap());
+        assert!(!store.is_known_device(other.id, &laptop).await.unwrap());
+        assert!(!store.is_known_device(owner.id, &[8u8; 32]).await.unwrap());
+        assert!(!store.is_known_device(Uuid::new_v4(), &laptop).await.unwrap());
+    }
+
+    pub async fn user_record_flags_reflect_mfa_state(store: DynStore) {
+        let owner = user(&store, "Flagged").await;
+        assert!(!owner.email_otp_enabled && !owner.totp_enabled);
+        let t = now();
+        let flags = |user: UserRecord| (user.email_otp_enabled, user.totp_enabled);
+
+        let mut tx = store.begin().await.unwrap();
+        tx.set_email_otp(owner.id, true, t).await.unwrap();
+        // The transaction sees its own writes, through every read of a user.
+        assert_eq!(tx.lock_user(owner.id).await.unwrap().map(flags), Some((true, false)));
+        tx.commit().await.unwrap();
+        assert_eq!(store.find_user(owner.id).await.unwrap().map(flags), Some((true, false)));
+        assert_eq!(store.find_user_by_login("flagged").await.unwrap().map(flags), Some((true, false)));
+
+        // Pending is not enabled.
+        let secret = sealed_secret();
+        let mut tx = store.begin().await.unwrap();
+        tx.set_totp_pending(owner.id, Some(&secret), t).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(store.find_user(owner.id).await.unwrap().map(flags), Some((true, false)));
+
+        let mut tx = store.begin().await.unwrap();
+        assert!(tx.activate_totp(owner.id, &secret, 1, &[], t).await.unwrap());
+        assert_eq!(
+            tx.find_user_by_login("flagged@example.com").await.unwrap().map(flags),
+            Some((true, true))
+        );
+        let updated = tx.update_profile(owner.id, &ProfileChanges::default(), t).await.unwrap();
+        assert_eq!(flags(updated), (true, true));
+        tx.set_email_otp(owner.id, false, t).await.unwrap();
+        tx.commit().await.unwrap();
+        let found = store.find_user(owner.id).await.unwrap().unwrap();
+        assert_eq!(found, UserRecord { email_otp_enabled: false, totp_enabled: true, ..owner.clone() });
+
+        let mut tx = store.begin().await.unwrap();
+        tx.disable_totp(owner.id, t).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(store.find_user(owner.id).await.unwrap(), Some(owner));
+    }
+
+    pub async fn session_amr_round_trips(store: DynStore) {
+        let owner = user(&store, "amr").await;
+        let t = now();
+        for amr in [vec!["pwd".to_owned(), "otp".to_owned()], vec!["pwd".to_owned()], vec![]] {
+            let mut new = new_session(owner.id, t);
+            new.amr = amr.clone();
+            assert_eq!(store.create_session(&new).await.unwrap().amr, amr);
+            assert_eq!(store.find_session(new.id).await.unwrap().unwrap().amr, amr);
+            let RotateOutcome::Rotated(rotated) =
+                store.rotate_refresh_token(&rotation(&new.refresh_hash, t)).await.unwrap()
+            else {
+                panic!("rotates");
+            };
+            assert_eq!(rotated.amr, amr, "kept across refreshes");
+        }
+    }
 }
 
 /// Start-up must fail fast, as "unavailable", when the server cannot be reached.
@@ -1675,6 +2440,7 @@ mod postgres_specific {
                 location: None,
                 created_at,
                 expires_at: created_at + time::Duration::days(1),
+                amr: vec!["pwd".to_owned()],
             };
             ids.push(store.create_session(&session).await.expect("create session").id);
         }

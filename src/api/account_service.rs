@@ -67,9 +67,11 @@ impl AccountService for AccountApi {
     ) -> Result<Response<pb::GetAccountResponse>, Status> {
         let principal = self.principal(&request).await?;
         let account = self.ctx.auth.get_account(&principal).await.map_err(to_status)?;
+        let mfa = self.ctx.auth.mfa_status(principal.user_id).await.map_err(to_status)?;
         Ok(Response::new(pb::GetAccountResponse {
             user: Some(convert::user(account.user)),
             active_sessions: account.active_sessions as u32,
+            mfa: Some(convert::mfa_status(mfa)),
         }))
     }
 
@@ -105,5 +107,61 @@ impl AccountService for AccountApi {
         let principal = self.principal(&request).await?;
         self.ctx.auth.delete_account(&principal, &request.into_inner().password).await.map_err(to_status)?;
         Ok(Response::new(pb::DeleteAccountResponse {}))
+    }
+
+    async fn set_email_otp(
+        &self,
+        request: Request<pb::SetEmailOtpRequest>,
+    ) -> Result<Response<pb::SetEmailOtpResponse>, Status> {
+        let principal = self.principal(&request).await?;
+        let r = request.into_inner();
+        let mfa = self
+            .ctx
+            .auth
+            .set_email_otp(&principal, r.enabled, &r.current_password)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::SetEmailOtpResponse { mfa: Some(convert::mfa_status(mfa)) }))
+    }
+
+    async fn begin_totp_enrollment(
+        &self,
+        request: Request<pb::BeginTotpEnrollmentRequest>,
+    ) -> Result<Response<pb::BeginTotpEnrollmentResponse>, Status> {
+        let principal = self.principal(&request).await?;
+        let r = request.into_inner();
+        let enrollment =
+            self.ctx.auth.begin_totp(&principal, &r.current_password).await.map_err(to_status)?;
+        Ok(Response::new(pb::BeginTotpEnrollmentResponse {
+            secret: enrollment.secret_base32,
+            otpauth_uri: enrollment.otpauth_uri,
+        }))
+    }
+
+    async fn confirm_totp_enrollment(
+        &self,
+        request: Request<pb::ConfirmTotpEnrollmentRequest>,
+    ) -> Result<Response<pb::ConfirmTotpEnrollmentResponse>, Status> {
+        let principal = self.principal(&request).await?;
+        let (recovery_codes, mfa) =
+            self.ctx.auth.confirm_totp(&principal, &request.into_inner().code).await.map_err(to_status)?;
+        Ok(Response::new(pb::ConfirmTotpEnrollmentResponse {
+            recovery_codes,
+            mfa: Some(convert::mfa_status(mfa)),
+        }))
+    }
+
+    async fn disable_totp(
+        &self,
+        request: Request<pb::DisableTotpRequest>,
+    ) -> Result<Response<pb::DisableTotpResponse>, Status> {
+        let principal = self.principal(&request).await?;
+        let mfa = self
+            .ctx
+            .auth
+            .disable_totp(&principal, &request.into_inner().current_password)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::DisableTotpResponse { mfa: Some(convert::mfa_status(mfa)) }))
     }
 }

@@ -12,7 +12,7 @@ use super::{
     status::to_status,
 };
 use crate::{
-    auth::{InvalidReason, Registration, TokenCheck},
+    auth::{InvalidReason, LoginResult, Registration, TokenCheck},
     token::TokenRejection,
 };
 
@@ -32,6 +32,8 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let client = client_info(&request, request.get_ref().client.as_ref(), &self.ctx.trusted_proxies)
+            .map_err(to_status)?;
         let r = request.into_inner();
         let registration = Registration {
             username: r.username,
@@ -40,7 +42,7 @@ impl AuthService for AuthApi {
             first_name: r.first_name,
             last_name: r.last_name,
         };
-        let user = self.ctx.auth.register(registration).await.map_err(to_status)?;
+        let user = self.ctx.auth.register(registration, &client).await.map_err(to_status)?;
         Ok(Response::new(pb::RegisterResponse { user: Some(convert::user(user)) }))
     }
 
@@ -56,7 +58,9 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::ResendVerificationRequest>,
     ) -> Result<Response<pb::ResendVerificationResponse>, Status> {
-        self.ctx.auth.resend_verification(&request.into_inner().email).await.map_err(to_status)?;
+        let client = client_info(&request, request.get_ref().client.as_ref(), &self.ctx.trusted_proxies)
+            .map_err(to_status)?;
+        self.ctx.auth.resend_verification(&request.into_inner().email, &client).await.map_err(to_status)?;
         Ok(Response::new(pb::ResendVerificationResponse {}))
     }
 
@@ -64,15 +68,28 @@ impl AuthService for AuthApi {
         let client = client_info(&request, request.get_ref().client.as_ref(), &self.ctx.trusted_proxies)
             .map_err(to_status)?;
         let r = request.into_inner();
-        let outcome = self.ctx.auth.login(&r.identifier, &r.password, &client).await.map_err(to_status)?;
-        let authenticated = pb::AuthenticatedSession {
-            tokens: Some(convert::tokens(outcome.tokens)),
-            session: Some(convert::session(outcome.session, true)),
-            user: Some(convert::user(outcome.user)),
-        };
-        Ok(Response::new(pb::LoginResponse {
-            outcome: Some(pb::login_response::Outcome::Authenticated(authenticated)),
-        }))
+        let outcome =
+            match self.ctx.auth.login(&r.identifier, &r.password, &client).await.map_err(to_status)? {
+                LoginResult::Authenticated(outcome) => {
+                    pb::login_response::Outcome::Authenticated(convert::authenticated(*outcome))
+                }
+                LoginResult::MfaRequired(challenge) => {
+                    pb::login_response::Outcome::MfaRequired(convert::mfa_challenge(challenge))
+                }
+            };
+        Ok(Response::new(pb::LoginResponse { outcome: Some(outcome) }))
+    }
+
+    async fn verify_mfa(
+        &self,
+        request: Request<pb::VerifyMfaRequest>,
+    ) -> Result<Response<pb::VerifyMfaResponse>, Status> {
+        let client = client_info(&request, request.get_ref().client.as_ref(), &self.ctx.trusted_proxies)
+            .map_err(to_status)?;
+        let r = request.into_inner();
+        let outcome =
+            self.ctx.auth.verify_mfa(&r.challenge_token, &r.code, &client).await.map_err(to_status)?;
+        Ok(Response::new(pb::VerifyMfaResponse { authenticated: Some(convert::authenticated(outcome)) }))
     }
 
     async fn refresh(

@@ -4,8 +4,8 @@ use time::OffsetDateTime;
 
 use super::pb;
 use crate::{
-    auth::IssuedTokens,
-    store::{AttemptOutcome, Location, LoginAttempt, SessionRecord, UserRecord},
+    auth::{IssuedTokens, LoginOutcome, MfaChallengeIssued, MfaStatus},
+    store::{AttemptOutcome, Location, LoginAttempt, MfaMethod, SessionRecord, UserRecord},
 };
 
 pub fn timestamp(t: OffsetDateTime) -> prost_types::Timestamp {
@@ -74,5 +74,34 @@ pub fn tokens(tokens: IssuedTokens) -> pb::TokenPair {
         refresh_token: tokens.refresh_token,
         refresh_token_expires_at: Some(timestamp(tokens.refresh_expires_at)),
         token_type: "Bearer".into(),
+    }
+}
+
+/// The answer to a completed login (password, or password and second factor).
+pub fn authenticated(outcome: LoginOutcome) -> pb::AuthenticatedSession {
+    pb::AuthenticatedSession {
+        tokens: Some(tokens(outcome.tokens)),
+        session: Some(session(outcome.session, true)),
+        user: Some(user(outcome.user)),
+    }
+}
+
+pub fn mfa_challenge(challenge: MfaChallengeIssued) -> pb::MfaChallenge {
+    let method = match challenge.method {
+        MfaMethod::EmailOtp => pb::MfaMethod::EmailOtp,
+        MfaMethod::Totp => pb::MfaMethod::Totp,
+    };
+    pb::MfaChallenge {
+        challenge_token: challenge.token,
+        method: method as i32,
+        expires_at: Some(timestamp(challenge.expires_at)),
+    }
+}
+
+pub fn mfa_status(status: MfaStatus) -> pb::MfaStatus {
+    pb::MfaStatus {
+        email_otp_enabled: status.email_otp_enabled,
+        totp_enabled: status.totp_enabled,
+        recovery_codes_remaining: status.recovery_codes_remaining,
     }
 }

@@ -66,6 +66,30 @@ pub fn to_status(error: AuthError) -> Status {
         AuthError::NotFound(what) => {
             (Code::NotFound, format!("{what} not found"), "NOT_FOUND", ErrorDetails::new())
         }
+        AuthError::TooManyAttempts { retry_after } => (
+            Code::ResourceExhausted,
+            format!("too many failed attempts; retry in {}s", retry_secs(retry_after)),
+            "TOO_MANY_ATTEMPTS",
+            ErrorDetails::with_retry_info(Some(retry_after)),
+        ),
+        AuthError::RateLimited { retry_after } => (
+            Code::ResourceExhausted,
+            format!("too many requests; retry in {}s", retry_secs(retry_after)),
+            "RATE_LIMITED",
+            ErrorDetails::with_retry_info(Some(retry_after)),
+        ),
+        AuthError::InvalidMfaCode => {
+            (Code::Unauthenticated, "invalid code".into(), "INVALID_MFA_CODE", ErrorDetails::new())
+        }
+        AuthError::MfaChallengeInvalid => (
+            Code::Unauthenticated,
+            "MFA challenge is invalid, expired or already used; log in again".into(),
+            "MFA_CHALLENGE_INVALID",
+            ErrorDetails::new(),
+        ),
+        AuthError::FailedPrecondition { reason, message } => {
+            (Code::FailedPrecondition, message.into(), reason, ErrorDetails::new())
+        }
         AuthError::Unavailable(cause) => {
             tracing::warn!(error = format!("{cause:#}"), "dependency unavailable");
             (
@@ -82,6 +106,11 @@ pub fn to_status(error: AuthError) -> Status {
     };
     details.set_error_info(reason, ERROR_DOMAIN, HashMap::new());
     Status::with_error_details(code, message, details)
+}
+
+/// Whole seconds, rounded up: "retry in 0s" would invite a retry that fails again.
+fn retry_secs(retry_after: std::time::Duration) -> u64 {
+    retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)
 }
 
 fn bearer_problem(problem: BearerProblem) -> (&'static str, &'static str) {

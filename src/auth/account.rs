@@ -176,7 +176,7 @@ impl Auth {
     }
 
     /// The caller's account, once `password` is checked against it (reported on `field`).
-    async fn verify_own_password(
+    pub(crate) async fn verify_own_password(
         &self,
         principal: &Principal,
         password: &str,

@@ -38,7 +38,15 @@ impl Auth {
         // Locking the user serialises sightings on one account (one "first device").
         let Some(user) = tx.lock_user(user_id).await? else { return Ok(()) };
         let sighting = tx.remember_device(user.id, &device_key(client), now_micros()).await?;
-        if sighting == (DeviceSighting::New { first_device: false }) {
+        let within_limit = || {
+            self.mail_allowed(
+                format!("alerts:user:{}", user.id.simple()),
+                &self.limits.new_device_alerts_per_account,
+            )
+        };
+        // A flood of logins from new devices must not flood the owner's mailbox: past the
+        // limit the devices are remembered without an alert each.
+        if sighting == (DeviceSighting::New { first_device: false }) && within_limit().await {
             let ttl = self.mail.unrecognized_login_ttl;
             // The token remembers where the alert went: the reset it may start goes there.
             let recipient = Some(user.email.clone());
@@ -90,7 +98,7 @@ impl Auth {
 }
 
 /// What identifies a device, hashed.
-fn device_key(client: &ClientInfo) -> Vec<u8> {
+pub(crate) fn device_key(client: &ClientInfo) -> Vec<u8> {
     let fingerprint = client.fingerprint.trim();
     let material = if fingerprint.is_empty() {
         format!("ua:{}|net:{}", client.user_agent.trim(), network(client.ip))

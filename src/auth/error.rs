@@ -40,6 +40,24 @@ pub enum AuthError {
     Unauthenticated(BearerProblem),
     #[error("{0} not found")]
     NotFound(&'static str),
+    /// Login refused before the password was checked: the account is locked, or the
+    /// caller's address is blocked or throttled. One answer for all (and for accounts that
+    /// do not exist), so it reveals nothing about the account.
+    #[error("too many failed attempts")]
+    TooManyAttempts { retry_after: std::time::Duration },
+    /// A request limit (registrations per address, reset mails per account, ...).
+    #[error("rate limited")]
+    RateLimited { retry_after: std::time::Duration },
+    /// A wrong second-factor code.
+    #[error("invalid code")]
+    InvalidMfaCode,
+    /// The MFA challenge is unknown, used, expired or was cancelled: log in again.
+    #[error("invalid MFA challenge")]
+    MfaChallengeInvalid,
+    /// The request does not fit the account's state (e.g. confirming a TOTP enrolment
+    /// that was never begun).
+    #[error("{message}")]
+    FailedPrecondition { reason: &'static str, message: &'static str },
     /// A dependency (database, Redis) is down: retry later.
     #[error("service unavailable")]
     Unavailable(#[source] anyhow::Error),

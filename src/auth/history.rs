@@ -84,8 +84,8 @@ impl Auth {
         Ok(HistoryPage { attempts, next_page_token })
     }
 
-    /// Deletes attempts older than `retention`, and mail sent or given up that long ago,
-    /// every `interval`, until `stop` resolves.
+    /// Deletes attempts older than `retention`, mail sent or given up that long ago, and
+    /// failure budgets that can no longer matter, every `interval`, until `stop` resolves.
     pub async fn purge_history(
         &self,
         retention: Duration,
@@ -104,6 +104,19 @@ impl Auth {
                 Ok(0) => {}
                 Ok(purged) => tracing::info!(purged, "old outbox rows deleted"),
                 Err(error) => tracing::warn!(error = ?error, "cannot purge old outbox rows"),
+            }
+            // Failure budgets matter while their window, lock or lockout growth can: past
+            // the longest of those a row says nothing.
+            let horizon =
+                [self.login.account_lockout, self.login.known_device_lockout, self.mfa.code_lockout]
+                    .iter()
+                    .map(|l| l.window.max(l.max_lockout))
+                    .max()
+                    .unwrap_or_default();
+            match self.store.purge_login_guards(OffsetDateTime::now_utc() - horizon).await {
+                Ok(0) => {}
+                Ok(purged) => tracing::info!(purged, "stale login guards deleted"),
+                Err(error) => tracing::warn!(error = ?error, "cannot purge login guards"),
             }
             tokio::select! {
                 () = tokio::time::sleep(interval) => {}

@@ -1,9 +1,20 @@
-//! Login with a password: one answer and one bcrypt for an unknown user or a wrong
-//! password; a new session per successful login.
+//! Login with a password: one answer and one bcrypt for an unknown user, a wrong password
+//! or a locked account; throttles per address before any of that; a new session per
+//! successful login, or an MFA challenge when the account has a second factor.
+
+use std::sync::Arc;
 
 use uuid::Uuid;
 
-use super::{Auth, AuthError, ClientInfo, IssuedTokens, domain::LoginIdentifier, register::now_micros};
+use super::{
+    Auth, AuthError, ClientInfo, IssuedTokens,
+    devices::device_key,
+    domain::LoginIdentifier,
+    guard::Guard,
+    limits::{Counted, Verdict, key_part},
+    mfa::MfaChallengeIssued,
+    register::now_micros,
+};
 use crate::{
     store::{AttemptOutcome, NewSession, SessionRecord, UserRecord},
     token::refresh,
@@ -20,15 +31,27 @@ pub struct LoginOutcome {
     pub tokens: IssuedTokens,
 }
 
+/// What a right password gets.
+#[derive(Debug, Clone)]
+pub enum LoginResult {
+    Authenticated(Box<LoginOutcome>),
+    /// The account has a second factor: finish with `verify_mfa`.
+    MfaRequired(MfaChallengeIssued),
+}
+
+/// Authentication methods (RFC 8176) of a session, as the access token's `amr` claim.
+pub(crate) const AMR_PASSWORD: &[&str] = &["pwd"];
+pub(crate) const AMR_PASSWORD_AND_OTP: &[&str] = &["pwd", "otp"];
+
 impl Auth {
     /// Every attempt that names an account or a password is recorded in the login history,
     /// whatever its outcome.
     pub async fn login(
-        self: &std::sync::Arc<Self>,
+        self: &Arc<Self>,
         identifier: &str,
         password: &str,
         client: &ClientInfo,
-    ) -> Result<LoginOutcome, AuthError> {
+    ) -> Result<LoginResult, AuthError> {
         let typed = identifier.trim();
         let identifier = LoginIdentifier::parse(identifier)
             .map_err(|e| AuthError::invalid("identifier", format!("identifier {e}")))?;
@@ -39,28 +62,81 @@ impl Auth {
             return Err(AuthError::invalid("password", "password is too long"));
         }
 
+        // Per address first: cheap, and refusing here costs no bcrypt. Counted before the
+        // password is checked (a parallel burst gets no more than the limit evaluated) and
+        // given back if it proves right.
+        let client_counts = match self.count_client_failure(client).await {
+            Ok(counts) => counts,
+            Err(retry_after) => {
+                self.record_attempt(typed, None, AttemptOutcome::Failure, "throttled", client).await;
+                return Err(AuthError::TooManyAttempts { retry_after });
+            }
+        };
+
         let user = self.store.find_user_by_login(identifier.key()).await?;
+        let guard = self.password_guard(identifier.key(), user.as_ref(), client).await?;
+        let user_id = user.as_ref().map(|u| u.id);
+        let reserved = match self.reserve_try(&guard).await? {
+            Ok(reserved) => reserved,
+            Err(retry_after) => {
+                // Locked: the password is not evaluated, but the same bcrypt is paid, so the
+                // answer takes as long as for a wrong password or an unknown account.
+                let _ = self.hasher.verify(password, None).await?;
+                tracing::info!("login refused: locked");
+                self.record_attempt(typed, user_id, AttemptOutcome::Failure, "locked", client).await;
+                return Err(AuthError::TooManyAttempts { retry_after });
+            }
+        };
+
         let verified = self.hasher.verify(password, user.as_ref().map(|u| u.password_hash.as_str())).await?;
         let user = match user {
             Some(user) if verified.matches => user,
-            user => {
+            _ => {
                 tracing::info!("login failed: invalid credentials");
-                let user_id = user.map(|u| u.id);
+                if let Some(locked_for) = self.try_failed(&guard, reserved).await {
+                    self.on_lockout(user_id, &guard, locked_for, client);
+                }
                 self.record_attempt(typed, user_id, AttemptOutcome::Failure, "invalid_credentials", client)
                     .await;
                 return Err(AuthError::InvalidCredentials);
             }
         };
+
+        // The password is right: every budget it spent starts afresh.
+        self.try_succeeded(&guard).await;
+        if guard.key.scope != "account" {
+            self.try_succeeded(&Guard::account(user.id, self.login.account_lockout)).await;
+        }
+        for counted in &client_counts {
+            self.limiter.refund(counted).await;
+        }
         if verified.needs_rehash {
             self.upgrade_hash(&user, password).await;
         }
         // Checked after the password, so it tells nothing to someone who does not know it.
-        if self.require_verified_email && user.email_verified_at.is_none() {
+        if self.login.require_verified_email && user.email_verified_at.is_none() {
             self.record_attempt(typed, Some(user.id), AttemptOutcome::Failure, "email_not_verified", client)
                 .await;
             return Err(AuthError::EmailNotVerified);
         }
+        if user.totp_enabled || user.email_otp_enabled {
+            let challenge = self.start_mfa(&user, client).await?;
+            self.record_attempt(typed, Some(user.id), AttemptOutcome::Failure, "mfa_required", client).await;
+            tracing::info!(user_id = %user.id, "password right: second factor required");
+            return Ok(LoginResult::MfaRequired(challenge));
+        }
+        let outcome = self.open_session(user, client, AMR_PASSWORD).await?;
+        self.record_attempt(typed, Some(outcome.user.id), AttemptOutcome::Success, "ok", client).await;
+        Ok(LoginResult::Authenticated(Box::new(outcome)))
+    }
 
+    /// A new session with its tokens, once every factor is proven.
+    pub(crate) async fn open_session(
+        self: &Arc<Self>,
+        user: UserRecord,
+        client: &ClientInfo,
+        amr: &'static [&'static str],
+    ) -> Result<LoginOutcome, AuthError> {
         let now = now_micros();
         let (refresh_token, refresh_hash) = refresh::generate();
         let session = self
@@ -73,13 +149,61 @@ impl Auth {
                 location: self.locate(client),
                 created_at: now,
                 expires_at: now + self.sessions.absolute_lifetime,
+                amr: amr.iter().map(|m| m.to_string()).collect(),
             })
             .await?;
         let tokens = self.issue_tokens(&user, &session, refresh_token, now)?;
-        self.record_attempt(typed, Some(user.id), AttemptOutcome::Success, "ok", client).await;
         self.note_device(&user, client);
         tracing::info!(user_id = %user.id, session_id = %session.id, "login succeeded");
         Ok(LoginOutcome { user, session, tokens })
+    }
+
+    /// The address throttles: failures from this IP across accounts, and from this (IP,
+    /// device) in a short window. `Err` is how long to wait.
+    async fn count_client_failure(&self, client: &ClientInfo) -> Result<Vec<Counted>, std::time::Duration> {
+        let Some(ip) = client.ip else { return Ok(Vec::new()) };
+        let device = if client.fingerprint.trim().is_empty() {
+            format!("ua:{}", client.user_agent.trim())
+        } else {
+            format!("fp:{}", client.fingerprint.trim())
+        };
+        let mut counts = Vec::with_capacity(2);
+        for (key, rate) in [
+            (format!("login:ip:{ip}"), &self.login.ip_block),
+            (format!("login:client:{ip}:{}", key_part(&device)), &self.login.client_throttle),
+        ] {
+            match self.limiter.hit(key, rate, || self.resync.notify_one()).await {
+                Verdict::Allowed(counted) => counts.push(counted),
+                Verdict::Denied { retry_after } => {
+                    // Refused before any password was checked: not a failure to keep.
+                    for counted in &counts {
+                        self.limiter.refund(counted).await;
+                    }
+                    return Err(retry_after);
+                }
+            }
+        }
+        Ok(counts)
+    }
+
+    /// The budget this password try spends: the device's own when it already logged in to
+    /// the account, else the account's (or, for an identifier that names no account, that
+    /// identifier's — so a locked answer looks the same whether or not the account exists).
+    async fn password_guard(
+        &self,
+        identifier_key: &str,
+        user: Option<&UserRecord>,
+        client: &ClientInfo,
+    ) -> Result<Guard, AuthError> {
+        let Some(user) = user else {
+            return Ok(Guard::unknown_identifier(identifier_key, self.login.account_lockout));
+        };
+        let device = device_key(client);
+        if self.store.is_known_device(user.id, &device).await? {
+            Ok(Guard::known_device(user.id, &device, self.login.known_device_lockout))
+        } else {
+            Ok(Guard::account(user.id, self.login.account_lockout))
+        }
     }
 
     /// Re-hashes a legacy or outdated hash with the current scheme and cost. A failure
@@ -96,5 +220,29 @@ impl Auth {
             Ok(()) => tracing::info!(user_id = %user.id, "password hash upgraded"),
             Err(e) => tracing::warn!(user_id = %user.id, error = ?e, "password hash upgrade failed"),
         }
+    }
+
+    /// Mails the owner that password sign-ins are paused (after the answer; best effort).
+    fn on_lockout(
+        self: &Arc<Self>,
+        user_id: Option<Uuid>,
+        guard: &Guard,
+        locked_for: std::time::Duration,
+        client: &ClientInfo,
+    ) {
+        tracing::warn!(user_id = ?user_id, scope = guard.key.scope, ?locked_for, "login guard locked");
+        let Some(user_id) = user_id else { return };
+        let client = client.clone();
+        self.in_background("lockout alert", move |auth| async move {
+            let Some(user) = auth.store.find_user(user_id).await? else { return Ok(()) };
+            let mail = auth.templates.account_locked(
+                super::mail::greeting_name(&user),
+                locked_for,
+                &auth.activity(&client),
+            );
+            let mut tx = auth.store.begin().await?;
+            auth.queue_mail(&mut tx, Some(user.id), &user.email, mail).await?;
+            auth.commit_with_mail(tx).await
+        });
     }
 }

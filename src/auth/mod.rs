@@ -7,9 +7,12 @@ pub mod client;
 mod devices;
 pub mod domain;
 pub mod error;
+mod guard;
 mod history;
+mod limits;
 mod login;
 mod mail;
+mod mfa;
 mod password;
 mod refresh;
 mod register;
@@ -30,12 +33,13 @@ pub use activity::ActivityRecorder;
 pub use client::ClientInfo;
 pub use error::{AuthError, BearerProblem, FieldViolation};
 pub use history::HistoryPage;
-pub use login::LoginOutcome;
+pub use login::{LoginOutcome, LoginResult};
+pub use mfa::{MfaChallengeIssued, MfaStatus, TotpEnrollment};
 pub use register::Registration;
 pub use validate::{InvalidReason, TokenCheck, ValidToken};
 
 use crate::{
-    config::{MailSettings, SessionSettings},
+    config::{LimitSettings, LoginSettings, MailSettings, MfaSettings, SessionSettings},
     hot::DynHotState,
     mail::Templates,
     password::{PasswordHasher, PasswordPolicy},
@@ -62,7 +66,14 @@ pub struct Auth {
     mail: MailSettings,
     /// Wakes the outbox worker right after a mail is committed.
     outbox: std::sync::Arc<tokio::sync::Notify>,
-    require_verified_email: bool,
+    login: LoginSettings,
+    limits: LimitSettings,
+    mfa: MfaSettings,
+    limiter: limits::Limiter,
+    /// Keys the hashes of emailed login codes.
+    otp_key: crate::mfa::OtpKey,
+    /// Encrypts TOTP secrets at rest.
+    sealer: crate::mfa::SecretSealer,
     /// Bounds the work done after answering (reset and verification mails).
     background: std::sync::Arc<tokio::sync::Semaphore>,
     geo: Option<crate::geo::GeoIp>,
@@ -107,7 +118,11 @@ pub struct AuthParts {
     pub leeway: Duration,
     pub mail: MailSettings,
     pub outbox: std::sync::Arc<tokio::sync::Notify>,
-    pub require_verified_email: bool,
+    pub login: LoginSettings,
+    pub limits: LimitSettings,
+    pub mfa: MfaSettings,
+    /// The server secret (the password pepper) the MFA keys are derived from.
+    pub server_secret: Vec<u8>,
     pub geo: Option<crate::geo::GeoIp>,
 }
 
@@ -118,7 +133,7 @@ impl Auth {
         let revocation_ttl = parts.tokens.ttl() + 2 * parts.leeway + Duration::from_secs(1);
         Auth {
             store: parts.store,
-            hot: parts.hot,
+            hot: parts.hot.clone(),
             hasher: parts.hasher,
             policy: parts.policy,
             tokens: parts.tokens,
@@ -129,7 +144,12 @@ impl Auth {
             templates: Templates::new(&parts.mail),
             mail: parts.mail,
             outbox: parts.outbox,
-            require_verified_email: parts.require_verified_email,
+            limiter: limits::Limiter::new(parts.hot.clone()),
+            otp_key: crate::mfa::OtpKey::derive(&parts.server_secret, "portcullis email otp v1"),
+            sealer: crate::mfa::SecretSealer::derive(&parts.server_secret, "portcullis totp secret v1"),
+            login: parts.login,
+            limits: parts.limits,
+            mfa: parts.mfa,
             background: std::sync::Arc::new(tokio::sync::Semaphore::new(BACKGROUND_JOBS)),
             geo: parts.geo,
         }
@@ -147,11 +167,12 @@ impl Auth {
         refresh_token: String,
         now: OffsetDateTime,
     ) -> Result<IssuedTokens, AuthError> {
+        let amr: Vec<&str> = session.amr.iter().map(String::as_str).collect();
         let subject = crate::token::access::Subject {
             user_id: user.id,
             session_id: session.id,
             roles: &user.roles,
-            amr: &["pwd"],
+            amr: &amr,
             email_verified: user.email_verified_at.is_some(),
         };
         let (token, claims) = self.tokens.issue(&subject, now).map_err(|e| AuthError::Internal(e.into()))?;

@@ -32,6 +32,17 @@ impl Auth {
     ) -> Result<(), AuthError> {
         let identifier = LoginIdentifier::parse(identifier)
             .map_err(|e| AuthError::invalid("identifier", format!("identifier {e}")))?;
+        // Keyed on what was typed, never on whether it names an account: the answer says
+        // nothing about that either way.
+        let ip = super::limits::ip_part(client.ip);
+        self.enforce_limits(vec![
+            (format!("forgot:ip:{ip}"), &self.limits.forgot_password_per_ip),
+            (
+                format!("forgot:id:{}", super::limits::key_part(identifier.key())),
+                &self.limits.forgot_password_per_account,
+            ),
+        ])
+        .await?;
         let client = client.clone();
         self.in_background("password reset mail", move |auth| async move {
             auth.send_reset_link(&identifier, &client).await
@@ -46,6 +57,16 @@ impl Auth {
     ) -> Result<(), AuthError> {
         // Look first, outside any transaction: an unknown identifier costs no write lock.
         let Some(found) = self.store.find_user_by_login(identifier.key()).await? else { return Ok(()) };
+        // The account's own limit too, whichever of its names was typed (silently).
+        if !self
+            .mail_allowed(
+                format!("forgot:user:{}", found.id.simple()),
+                &self.limits.forgot_password_per_account,
+            )
+            .await
+        {
+            return Ok(());
+        }
         let mut tx = self.store.begin().await?;
         // Locking the user serialises concurrent requests, so only the newest link lives.
         let Some(user) = tx.lock_user(found.id).await? else { return Ok(()) };

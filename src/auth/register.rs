@@ -4,7 +4,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    Auth, AuthError, FieldViolation,
+    Auth, AuthError, ClientInfo, FieldViolation,
     domain::{Email, PersonName, Username},
 };
 use crate::store::{NewUser, UserRecord};
@@ -31,7 +31,11 @@ impl std::fmt::Debug for Registration {
 }
 
 impl Auth {
-    pub async fn register(&self, request: Registration) -> Result<UserRecord, AuthError> {
+    pub async fn register(
+        &self,
+        request: Registration,
+        client: &ClientInfo,
+    ) -> Result<UserRecord, AuthError> {
         let mut violations = Vec::new();
         let username = field(&mut violations, "username", Username::parse(&request.username));
         let email = field(&mut violations, "email", Email::parse(&request.email));
@@ -49,6 +53,9 @@ impl Auth {
             return Err(AuthError::InvalidArgument(violations));
         };
 
+        // After validation (a typo costs no registration), before any hashing or writing.
+        let ip = super::limits::ip_part(client.ip);
+        self.enforce_limits(vec![(format!("register:ip:{ip}"), &self.limits.register_per_ip)]).await?;
         let password_hash = self.hasher.hash(password.expose()).await?;
         let user = NewUser {
             id: Uuid::now_v7(),

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use super::*;
 use crate::{
     config::{SessionSettings, TokenSettings},
-    hot::{HotError, HotState, MemoryHotState},
+    hot::{HotError, HotState, Limit, LimitDecision, MemoryHotState},
     password::{PasswordHasher, PasswordPolicy},
     store::{SqliteStore, Store},
     token::{AccessTokens, KeySet, SigningAlgorithm, keys::generate_key_file},
@@ -51,6 +51,22 @@ impl HotState for FlakyHot {
         self.check()?;
         self.inner.is_session_revoked(session_id).await
     }
+    async fn limit_hit(&self, key: &str, limit: Limit, member: &str) -> Result<LimitDecision, HotError> {
+        self.check()?;
+        self.inner.limit_hit(key, limit, member).await
+    }
+    async fn limit_refund(&self, key: &str, member: &str) -> Result<(), HotError> {
+        self.check()?;
+        self.inner.limit_refund(key, member).await
+    }
+    async fn limit_peek(&self, key: &str, limit: Limit) -> Result<LimitDecision, HotError> {
+        self.check()?;
+        self.inner.limit_peek(key, limit).await
+    }
+    async fn limit_clear(&self, key: &str) -> Result<(), HotError> {
+        self.check()?;
+        self.inner.limit_clear(key).await
+    }
 }
 
 struct Harness {
@@ -80,7 +96,10 @@ async fn harness(sessions: SessionSettings) -> Harness {
         leeway: Duration::from_secs(30),
         mail: crate::config::MailSettings::default(),
         outbox: Arc::new(tokio::sync::Notify::new()),
-        require_verified_email: false,
+        login: crate::config::LoginSettings { require_verified_email: false, ..Default::default() },
+        limits: crate::config::LimitSettings::default(),
+        mfa: crate::config::MfaSettings::default(),
+        server_secret: vec![7; 32],
         geo: None,
     });
     Harness { auth: Arc::new(auth), hot, _keys: keys }
@@ -96,11 +115,14 @@ impl Harness {
             password: PASSWORD.into(),
             ..Registration::default()
         };
-        self.auth.register(registration).await.unwrap();
+        self.auth.register(registration, &ClientInfo::default()).await.unwrap();
     }
 
     async fn login(&self, name: &str) -> LoginOutcome {
-        self.auth.login(name, PASSWORD, &ClientInfo::default()).await.unwrap()
+        match self.auth.login(name, PASSWORD, &ClientInfo::default()).await.unwrap() {
+            LoginResult::Authenticated(outcome) => *outcome,
+            LoginResult::MfaRequired(_) => panic!("no second factor was enabled"),
+        }
     }
 
     async fn check(&self, access: &str) -> TokenCheck {

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{Auth, AuthError, domain::Email, mail::greeting_name, register::now_micros};
+use super::{Auth, AuthError, ClientInfo, domain::Email, mail::greeting_name, register::now_micros};
 use crate::{
     store::{StoreTx, TokenPurpose, UserRecord},
     token::one_time,
@@ -43,8 +43,22 @@ impl Auth {
     /// Mails a new verification link if `email` belongs to an unverified account. Answers
     /// the same, at once, whatever the case: the work happens after the answer, so neither
     /// the answer nor its timing tells whether the address is registered.
-    pub async fn resend_verification(self: &Arc<Self>, email: &str) -> Result<(), AuthError> {
+    pub async fn resend_verification(
+        self: &Arc<Self>,
+        email: &str,
+        client: &ClientInfo,
+    ) -> Result<(), AuthError> {
         let email = Email::parse(email).map_err(|e| AuthError::invalid("email", format!("email {e}")))?;
+        // Keyed on the address typed, whether or not it is registered.
+        let ip = super::limits::ip_part(client.ip);
+        self.enforce_limits(vec![
+            (format!("resend:ip:{ip}"), &self.limits.resend_verification_per_ip),
+            (
+                format!("resend:email:{}", super::limits::key_part(&email.key())),
+                &self.limits.resend_verification_per_account,
+            ),
+        ])
+        .await?;
         self.in_background("verification mail", move |auth| async move {
             auth.resend_verification_now(&email).await
         });

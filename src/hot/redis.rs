@@ -5,15 +5,29 @@
 //! Every key starts with the configured `key_prefix` (e.g. `portcullis:`), so several
 //! deployments, or parallel test runs, can share one Redis without seeing each other:
 //!
-//! | key                              | value | expiry       | meaning                  |
-//! |----------------------------------|-------|--------------|--------------------------|
-//! | `{prefix}rev:{<session uuid>}`   | `1`   | `PX` the ttl | the session was revoked  |
+//! | key                            | value                  | expiry            | meaning                  |
+//! |--------------------------------|------------------------|-------------------|--------------------------|
+//! | `{prefix}rev:{<session uuid>}` | `1`                    | `PX` the ttl      | the session was revoked  |
+//! | `{prefix}lim:{<limit key>}`    | zset: member → time ms | `PX` window + 1 s | a limit's window         |
+//! | `{prefix}lim:{<limit key>}:b`  | member that set it     | `PX` the block    | the limit key is blocked |
 //!
 //! e.g. `portcullis:rev:{0190f0c4-5e8a-7c3b-9d2e-8f1a2b3c4d5e}`. The braces around the uuid
 //! are literal: they are a Redis Cluster hash tag, so every key about one session (this one
 //! and any added later) hashes to the same slot. `revoke_session` is `SET key 1 PX ttl_ms`
 //! (idempotent; a second call sets the expiry to the new ttl), `is_session_revoked` is
 //! `EXISTS key`. Redis expires the keys itself, so nothing here ever deletes one.
+//!
+//! A rate limit's keys, e.g. `portcullis:lim:{login:ip:203.0.113.7}` and
+//! `portcullis:lim:{login:ip:203.0.113.7}:b`, wrap the caller's limit key (which holds no brace)
+//! in a hash tag the same way, so the window and the block of one limit are in one slot and a
+//! script may touch both. Each window event is a sorted-set member named by the caller (unique
+//! per hit) and scored with the time of the hit in Unix milliseconds, as read by Redis (`TIME`),
+//! so every replica shares one clock whatever its own. `limit_hit`, `limit_refund` and
+//! `limit_peek` are each one Lua script (`HIT_SCRIPT`, `REFUND_SCRIPT`, `PEEK_SCRIPT` below),
+//! hence atomic; `limit_clear` is one `DEL` of both keys. A hit that counts refreshes the
+//! window key's expiry to the window (plus a second of slack), so a window key outlives its
+//! newest event and then goes; a block key lives exactly as long as the block. Denied hits
+//! and peeks refresh no expiry, so a limit never keeps its keys alive longer than it needs.
 //!
 //! # Failure
 //!
@@ -22,16 +36,16 @@
 //! never a hang. Once connected, the [`ConnectionManager`] reconnects by itself; a command
 //! sent while Redis is down fails with [`HotError::Unavailable`].
 
-use std::time::Duration;
+use std::{sync::LazyLock, time::Duration};
 
 use async_trait::async_trait;
 use redis::{
-    Client, RedisError,
+    Client, Cmd, ErrorKind, FromRedisValue, RedisError, Script, ServerErrorKind,
     aio::{ConnectionManager, ConnectionManagerConfig},
 };
 use uuid::Uuid;
 
-use super::{HotError, HotState};
+use super::{HotError, HotState, Limit, LimitDecision, debug_assert_limit_key};
 
 /// Timeout of one attempt to open a TCP connection (and handshake) to Redis.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
@@ -45,6 +59,134 @@ const RETRY_MAX_DELAY: Duration = Duration::from_millis(500);
 const CONNECT_DEADLINE: Duration = Duration::from_secs(3);
 /// Longest ttl sent to Redis (a larger one is capped; Redis rejects expiries that overflow).
 const MAX_TTL_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
+/// How much longer than its window a window key lives after a hit (so rounding and the
+/// script's own run time never expire it while its newest event is still in the window).
+const WINDOW_KEY_SLACK_MS: u64 = 1000;
+
+// The scripts below read the clock with `TIME`. Redis 7 replicates a script's effects (the
+// ZADD, SET, ... it ran), never the script itself, so a non-deterministic command in a script
+// is allowed and replicas and the AOF see the same scores as the primary. Using the Redis
+// clock rather than each Portcullis replica's means replicas with skewed clocks still share
+// one consistent window. Each script reads it once, at the start, as `now` (Unix ms).
+//
+// Numbers are passed back to Redis through `int()` (`%d`): Lua would otherwise format large
+// ones in exponent notation, which `PX` and `PEXPIRE` reject.
+//
+// Each runs as `EVALSHA`, falling back to `EVAL` when Redis does not know it (see
+// `LimitScript::invoke`): one short round trip in the usual case.
+
+/// `limit_hit`. KEYS: window, block. ARGV: limit (> 0), window ms (> 0), block ms (0 = none),
+/// member, window key slack ms. Returns `{1, count}` when counted, `{0, retry_after_ms}` when
+/// denied (nothing changed then, beyond dropping events that had already left the window).
+static HIT_SCRIPT: LazyLock<LimitScript> = LazyLock::new(|| {
+    LimitScript::new(
+        r"
+local function int(x) return string.format('%d', x) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local limit = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local block = tonumber(ARGV[3])
+local blocked = redis.call('PTTL', KEYS[2])
+if blocked > 0 then
+  return {0, blocked}
+end
+-- An event at t is in the window while t > now - window.
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', int(now - window))
+local count = redis.call('ZCARD', KEYS[1])
+if count >= limit then
+  -- Room again once the event that makes the window full leaves it: the oldest, unless the
+  -- limit was lowered and the window holds more events than it allows.
+  local filler = redis.call('ZRANGE', KEYS[1], int(count - limit), int(count - limit), 'WITHSCORES')
+  return {0, tonumber(filler[2]) + window - now}
+end
+redis.call('ZADD', KEYS[1], int(now), ARGV[4])
+redis.call('PEXPIRE', KEYS[1], int(window + tonumber(ARGV[5])))
+count = count + 1
+if count == limit and block > 0 then
+  redis.call('SET', KEYS[2], ARGV[4], 'PX', int(block))
+end
+return {1, count}
+",
+    )
+});
+
+/// `limit_peek`: what [`HIT_SCRIPT`] would answer, changing nothing. KEYS: window, block.
+/// ARGV: limit (> 0), window ms (> 0). Returns `{1, count}` or `{0, retry_after_ms}`.
+static PEEK_SCRIPT: LazyLock<LimitScript> = LazyLock::new(|| {
+    LimitScript::new(
+        r"
+local function int(x) return string.format('%d', x) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local limit = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local blocked = redis.call('PTTL', KEYS[2])
+if blocked > 0 then
+  return {0, blocked}
+end
+local oldest = '(' .. int(now - window)
+local count = redis.call('ZCOUNT', KEYS[1], oldest, '+inf')
+if count >= limit then
+  local filler = redis.call('ZRANGE', KEYS[1], oldest, '+inf', 'BYSCORE',
+    'LIMIT', int(count - limit), 1, 'WITHSCORES')
+  return {0, tonumber(filler[2]) + window - now}
+end
+return {1, count}
+",
+    )
+});
+
+/// `limit_refund`. KEYS: window, block. ARGV: member. Removes the event, and the block when
+/// that event set it (compare and delete, hence a script).
+static REFUND_SCRIPT: LazyLock<LimitScript> = LazyLock::new(|| {
+    LimitScript::new(
+        r"
+redis.call('ZREM', KEYS[1], ARGV[1])
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+end
+return 0
+",
+    )
+});
+
+/// A Lua script over the two keys of one limit (window, block).
+struct LimitScript {
+    code: &'static str,
+    /// `redis::Script` is used for its SHA1 (what `EVALSHA` names the script by).
+    script: Script,
+}
+
+impl LimitScript {
+    fn new(code: &'static str) -> Self {
+        Self { code, script: Script::new(code) }
+    }
+
+    /// Runs the script over `keys`, with the arguments `args` adds: `EVALSHA`, or `EVAL` when
+    /// Redis does not know the script (first call, restart, `SCRIPT FLUSH`, failover); `EVAL`
+    /// caches it for the next `EVALSHA`. (`redis::Script::invoke_async` instead loads the
+    /// script and sends `EVALSHA` again, which fails if the cache is flushed in between.)
+    async fn invoke<T: FromRedisValue>(
+        &self,
+        conn: &mut ConnectionManager,
+        keys: &[String; 2],
+        args: impl Fn(&mut Cmd),
+    ) -> Result<T, RedisError> {
+        let command = |name: &str, script: &str| {
+            let mut cmd = redis::cmd(name);
+            cmd.arg(script).arg(keys.len()).arg(keys);
+            args(&mut cmd);
+            cmd
+        };
+        match command("EVALSHA", self.script.get_hash()).query_async(conn).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                command("EVAL", self.code).query_async(conn).await
+            }
+            answer => answer,
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct RedisHotState {
@@ -104,6 +246,25 @@ fn revoked_key(prefix: &str, session_id: Uuid) -> String {
     format!("{prefix}rev:{{{}}}", session_id.as_hyphenated())
 }
 
+/// `{prefix}lim:{<key>}` (a sorted set of events) and `{prefix}lim:{<key>}:b` (the block), in
+/// one Cluster slot through the hash tag around the caller's key.
+fn limit_keys(prefix: &str, key: &str) -> [String; 2] {
+    debug_assert_limit_key(key);
+    let window = format!("{prefix}lim:{{{key}}}");
+    let block = format!("{window}:b");
+    [window, block]
+}
+
+/// Reads the `{flag, value}` a limit script returns: `{1, count}` or `{0, retry_after_ms}`.
+fn limit_decision((allowed, value): (i64, i64)) -> LimitDecision {
+    if allowed == 1 {
+        LimitDecision::Allowed { count: u32::try_from(value).unwrap_or(u32::MAX) }
+    } else {
+        // The scripts only answer positive delays; at least 1 ms whatever happens.
+        LimitDecision::Denied { retry_after: Duration::from_millis(value.max(1).unsigned_abs()) }
+    }
+}
+
 /// `ttl` in whole milliseconds for `PX`: rounded up (a revocation is never shorter than
 /// asked), at least 1 (Redis rejects `PX 0`), at most [`MAX_TTL_MS`].
 fn ttl_millis(ttl: Duration) -> u64 {
@@ -138,6 +299,57 @@ impl HotState for RedisHotState {
             .map_err(HotError::Unavailable)?;
         Ok(count > 0)
     }
+
+    async fn limit_hit(&self, key: &str, limit: Limit, member: &str) -> Result<LimitDecision, HotError> {
+        if let Some(denied) = limit.zero_limit_denial() {
+            return Ok(denied);
+        }
+        let block_ms = if limit.block.is_zero() { 0 } else { ttl_millis(limit.block) };
+        let window_ms = ttl_millis(limit.effective_window());
+        let mut conn = self.conn.clone();
+        let answer = HIT_SCRIPT
+            .invoke(&mut conn, &limit_keys(&self.key_prefix, key), |cmd| {
+                cmd.arg(limit.limit).arg(window_ms).arg(block_ms).arg(member).arg(WINDOW_KEY_SLACK_MS);
+            })
+            .await
+            .map_err(HotError::Unavailable)?;
+        Ok(limit_decision(answer))
+    }
+
+    async fn limit_refund(&self, key: &str, member: &str) -> Result<(), HotError> {
+        let mut conn = self.conn.clone();
+        REFUND_SCRIPT
+            .invoke(&mut conn, &limit_keys(&self.key_prefix, key), |cmd| {
+                cmd.arg(member);
+            })
+            .await
+            .map_err(HotError::Unavailable)
+    }
+
+    async fn limit_peek(&self, key: &str, limit: Limit) -> Result<LimitDecision, HotError> {
+        if let Some(denied) = limit.zero_limit_denial() {
+            return Ok(denied);
+        }
+        let window_ms = ttl_millis(limit.effective_window());
+        let mut conn = self.conn.clone();
+        let answer = PEEK_SCRIPT
+            .invoke(&mut conn, &limit_keys(&self.key_prefix, key), |cmd| {
+                cmd.arg(limit.limit).arg(window_ms);
+            })
+            .await
+            .map_err(HotError::Unavailable)?;
+        Ok(limit_decision(answer))
+    }
+
+    async fn limit_clear(&self, key: &str) -> Result<(), HotError> {
+        let mut conn = self.conn.clone();
+        // One command over both keys: atomic without a script.
+        redis::cmd("DEL")
+            .arg(&limit_keys(&self.key_prefix, key))
+            .exec_async(&mut conn)
+            .await
+            .map_err(HotError::Unavailable)
+    }
 }
 
 #[cfg(test)]
@@ -157,5 +369,23 @@ mod tests {
     fn key_uses_prefix_and_hash_tag() {
         let id = Uuid::parse_str("0190f0c4-5e8a-7c3b-9d2e-8f1a2b3c4d5e").unwrap();
         assert_eq!(revoked_key("portcullis:", id), "portcullis:rev:{0190f0c4-5e8a-7c3b-9d2e-8f1a2b3c4d5e}");
+    }
+
+    #[test]
+    fn limit_keys_use_prefix_and_hash_tag() {
+        assert_eq!(
+            limit_keys("portcullis:", "register:ip:2001:db8::1"),
+            ["portcullis:lim:{register:ip:2001:db8::1}", "portcullis:lim:{register:ip:2001:db8::1}:b"]
+        );
+    }
+
+    #[test]
+    fn limit_script_answers_are_read() {
+        assert_eq!(limit_decision((1, 3)), LimitDecision::Allowed { count: 3 });
+        assert_eq!(
+            limit_decision((0, 250)),
+            LimitDecision::Denied { retry_after: Duration::from_millis(250) }
+        );
+        assert_eq!(limit_decision((0, 0)), LimitDecision::Denied { retry_after: Duration::from_millis(1) });
     }
 }

@@ -216,6 +216,46 @@ impl Templates {
         mail.finish(format!("We signed out one of your {product} sessions"), product)
     }
 
+    /// Sent when too many wrong passwords lock the account. The owner still gets in from a
+    /// device they have used before (it keeps a budget of its own), or by resetting the
+    /// password.
+    pub fn account_locked(&self, name: &str, locked_for: Duration, activity: &Activity) -> Rendered {
+        let product = &self.product_name;
+        let mut mail = Body::new(name);
+        mail.paragraph(&format!(
+            "Someone entered the wrong password for your {product} account too many times, so we \
+             paused sign-ins with a password for {}. The last try came from:",
+            human_duration(locked_for)
+        ));
+        mail.activity(activity);
+        mail.paragraph(
+            "If this was you, wait and try again, or sign in from a device you have used before. \
+             If it wasn't you, your password held: nobody got in. To be safe, choose a new, \
+             unique password (\"Forgot password\" on the sign-in page).",
+        );
+        mail.link(&format!("Open {product}"), &self.frontend_base_url);
+        mail.finish(format!("Sign-ins to your {product} account were paused"), product)
+    }
+
+    /// The second step of a login with the emailed code switched on.
+    pub fn login_code(&self, name: &str, code: &str, valid_for: Duration, activity: &Activity) -> Rendered {
+        let product = &self.product_name;
+        let mut mail = Body::new(name);
+        mail.paragraph(&format!(
+            "Your {product} sign-in code is {}. It works once, for {}.",
+            clean(code),
+            human_duration(valid_for)
+        ));
+        mail.paragraph("It was asked for by a sign-in from:");
+        mail.activity(activity);
+        mail.paragraph(
+            "If this wasn't you, someone knows your password: do not share the code, and choose \
+             a new password (\"Forgot password\" on the sign-in page).",
+        );
+        // Not in the subject: subjects show on lock screens.
+        mail.finish(format!("Your {product} sign-in code"), product)
+    }
+
     /// `{base}/{path}?token={token}`, the token percent-encoded.
     fn link(&self, path: &str, token: &str) -> String {
         format!("{}/{path}?token={}", self.frontend_base_url, percent_encode(token))

@@ -116,7 +116,10 @@ impl Application {
             leeway: settings.tokens.leeway,
             mail: settings.mail.clone(),
             outbox: outbox.waker(),
-            require_verified_email: settings.login.require_verified_email,
+            login: settings.login.clone(),
+            limits: settings.limits.clone(),
+            mfa: settings.mfa.clone(),
+            server_secret: pepper.clone(),
             geo,
         }));
         let republished = auth.republish_recent_revocations().await.context("cannot publish revocations")?;

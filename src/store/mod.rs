@@ -1,4 +1,5 @@
-//! Durable state: users and sessions. PostgreSQL in production, SQLite by default.
+//! Durable state: users, sessions, login guards and second factors. PostgreSQL in
+//! production, SQLite by default.
 //!
 //! Both engines implement [`Store`]; `tests/store_conformance.rs` runs one suite against
 //! both so they cannot drift apart. SQL lives in the module of the engine that runs it.
@@ -117,6 +118,88 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes attempts older than `cutoff` (retention). Returns how many.
     async fn purge_login_attempts(&self, cutoff: OffsetDateTime) -> Result<u64, StoreError>;
+
+    /// Counts one try against a failure budget BEFORE its secret is checked, so that of any
+    /// number of concurrent tries on one key at most `budget.max_failures` are ever checked
+    /// per window (a good try gives its count back with [`Store::clear_guard`]). ONE
+    /// conditional upsert (`INSERT … ON CONFLICT DO UPDATE … WHERE … RETURNING`): concurrent
+    /// callers queue on the row, and each sees the counts the others committed.
+    ///
+    /// While `locked_until > now` nothing changes (`Locked`). Otherwise a window that began
+    /// at or before `now - window` starts again at `now` with this try as its first failure
+    /// (and `lockouts` goes back to 0 when the guard has had no lock for
+    /// `forget_lockouts_after`); within the window the try is counted while `failures <
+    /// max_failures`, else nothing changes (`Exhausted`: the last tries of the budget are
+    /// still being checked, and the one that fails will lock). A `max_failures` of 0 counts
+    /// as 1: the first try of a window is always counted.
+    async fn reserve_try(
+        &self,
+        key: &GuardKey,
+        budget: &GuardBudget,
+        now: OffsetDateTime,
+    ) -> Result<TryReservation, StoreError>;
+
+    /// Locks the guard until `until` (the try that reserved the budget's last failure
+    /// failed): `lockouts + 1`, and the failure count starts again from 0 for when the lock
+    /// ends. Only an unlocked guard is locked, so that of two callers only one locks (and
+    /// alerts); returns whether this one did.
+    async fn lock_guard(
+        &self,
+        key: &GuardKey,
+        until: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
+
+    /// A try proved good: the guard forgets its failures and lockouts (its row goes).
+    async fn clear_guard(&self, key: &GuardKey) -> Result<(), StoreError>;
+
+    /// The guard as stored; `None` when it has no row (no failure since it was cleared).
+    async fn guard_state(&self, key: &GuardKey) -> Result<Option<GuardState>, StoreError>;
+
+    /// Deletes guards whose window began before `cutoff` and that are not locked at or after
+    /// it (retention): what is left of them is forgotten anyway. Returns how many.
+    async fn purge_login_guards(&self, cutoff: OffsetDateTime) -> Result<u64, StoreError>;
+
+    /// The live (not consumed, `expires_at > now`) challenge with this token hash.
+    async fn find_mfa_challenge(
+        &self,
+        token_hash: &[u8],
+        now: OffsetDateTime,
+    ) -> Result<Option<MfaChallenge>, StoreError>;
+
+    /// Spends a live challenge in ONE conditional UPDATE: of concurrent calls (two right
+    /// answers at once) exactly one gets `true`, so one challenge opens one session.
+    async fn consume_mfa_challenge(&self, id: Uuid, now: OffsetDateTime) -> Result<bool, StoreError>;
+
+    /// Kills every live challenge of the user (its second-factor budget ran out: a new
+    /// login, with the password, must come first). Returns how many.
+    async fn consume_mfa_challenges_of(&self, user_id: Uuid, now: OffsetDateTime) -> Result<u64, StoreError>;
+
+    /// The user's sealed TOTP secrets and last used step; `None` for an unknown user.
+    async fn totp_state(&self, user_id: Uuid) -> Result<Option<TotpState>, StoreError>;
+
+    /// Replay protection: records `step` as the last used TOTP time step, only if TOTP is
+    /// enabled and `step` is after the last one, in ONE conditional UPDATE. Of concurrent
+    /// calls with one step exactly one gets `true`; a code of a step not after the last
+    /// used one is a replay.
+    async fn advance_totp_step(&self, user_id: Uuid, step: i64) -> Result<bool, StoreError>;
+
+    /// Spends an unused recovery code of the user in ONE conditional UPDATE: of concurrent
+    /// calls with one code exactly one gets `true`.
+    async fn consume_recovery_code(
+        &self,
+        user_id: Uuid,
+        code_hash: &[u8],
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
+
+    /// How many of the user's recovery codes are unused.
+    async fn remaining_recovery_codes(&self, user_id: Uuid) -> Result<u32, StoreError>;
+
+    /// Whether the user has logged in from the device with this key before (see
+    /// [`StoreTx::remember_device`]), without noting a sighting: decides, before the
+    /// password is checked, which failure budget a try spends.
+    async fn is_known_device(&self, user_id: Uuid, device_key: &[u8]) -> Result<bool, StoreError>;
 
     /// Starts a transaction, for flows that change several things at once: a state change
     /// and the mail that reports it commit together or not at all.
@@ -248,11 +331,12 @@ pub trait StoreTx: Send {
     ) -> Result<Vec<Uuid>, StoreError>;
 
     /// Deletes the account and everything personal about it (sessions, tokens, queued
-    /// mail to it, its login attempts — also those that matched no account but named its
-    /// username or email), first recording its live sessions as revocation tombstones (session id
-    /// and instant only) so `revoked_since` still re-publishes them. Returns the ids of the
-    /// sessions that were live. (Sessions already revoked but unexpired are kept as
-    /// tombstones too, at their own revocation instant, but not returned.)
+    /// mail to it, second-factor challenges and recovery codes, known devices, its login
+    /// guards, its login attempts — also those that matched no account but named its
+    /// username or email), first recording its live sessions as revocation tombstones
+    /// (session id and instant only) so `revoked_since` still re-publishes them. Returns the
+    /// ids of the sessions that were live. (Sessions already revoked but unexpired are kept
+    /// as tombstones too, at their own revocation instant, but not returned.)
     async fn delete_user(&mut self, user_id: Uuid, now: OffsetDateTime) -> Result<Vec<Uuid>, StoreError>;
 
     /// Notes that `user_id` logged in from the device with this key (a hash) and says
@@ -264,6 +348,46 @@ pub trait StoreTx: Send {
         device_key: &[u8],
         now: OffsetDateTime,
     ) -> Result<DeviceSighting, StoreError>;
+
+    /// Stores a challenge, first consuming the user's other live challenges of the same
+    /// method: only the newest code works. In the transaction that queues its mail, so a
+    /// challenge never exists without its code on the way (nor a code without its challenge).
+    async fn create_mfa_challenge(&mut self, challenge: &NewMfaChallenge) -> Result<(), StoreError>;
+
+    async fn set_email_otp(
+        &mut self,
+        user_id: Uuid,
+        enabled: bool,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError>;
+
+    /// Sets (or with `None` drops) the sealed TOTP secret awaiting confirmation; an enabled
+    /// secret stays as it is until [`StoreTx::activate_totp`].
+    async fn set_totp_pending(
+        &mut self,
+        user_id: Uuid,
+        sealed: Option<&[u8]>,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError>;
+
+    /// Enables TOTP with the pending secret, only if it is still `secret` (compare-and-swap:
+    /// a `begin` that replaced it meanwhile wins, and the app's code was for the old one).
+    /// The pending secret becomes the secret, `step` (the confirming code's) the last used
+    /// one, and the recovery codes are replaced by `recovery_hashes`. Returns whether it
+    /// enabled.
+    async fn activate_totp(
+        &mut self,
+        user_id: Uuid,
+        secret: &[u8],
+        step: i64,
+        recovery_hashes: &[Vec<u8>],
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
+
+    /// Disables TOTP: drops the secret, any pending one, the last step and the recovery
+    /// codes, and consumes the user's live TOTP challenges (they could no longer be
+    /// answered but by a recovery code that no longer exists).
+    async fn disable_totp(&mut self, user_id: Uuid, now: OffsetDateTime) -> Result<(), StoreError>;
 
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }
@@ -405,6 +529,131 @@ pub struct LoginAttempt {
     pub location: Option<Location>,
 }
 
+/// Which failure budget a try spends: one row of `login_guards`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuardKey {
+    /// `u:<user id>` for an account, `i:<hex hash>` for an identifier that named no account
+    /// (made by the caller; opaque here).
+    pub subject: String,
+    /// `account`, `device:<hex key>` (a known device's own budget) or `otp` (second-factor
+    /// failures).
+    pub scope: String,
+    /// The account of a `u:` subject: deleting the account deletes its guards.
+    pub user_id: Option<Uuid>,
+}
+
+/// How many failures a guard allows, and for how long it remembers them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuardBudget {
+    pub max_failures: u32,
+    /// The counting window: it starts at the first failure, and a try after its end starts
+    /// a new one.
+    pub window: std::time::Duration,
+    /// A guard that has had no lock for this long forgets its lockouts when a new window
+    /// starts (so locks stop growing for an owner who mistyped long ago).
+    pub forget_lockouts_after: std::time::Duration,
+}
+
+impl GuardBudget {
+    /// Windows that began at or before this instant are over.
+    fn window_start(&self, now: OffsetDateTime) -> OffsetDateTime {
+        instant_before(now, self.window)
+    }
+
+    /// Locks that ended at or before this instant are forgotten.
+    fn forget_cutoff(&self, now: OffsetDateTime) -> OffsetDateTime {
+        instant_before(now, self.forget_lockouts_after)
+    }
+}
+
+/// `now - span`, saturating at the start of year 1: earlier than anything stored, yet within
+/// both engines' range (PostgreSQL's timestamptz starts in 4713 BC), so that an absurd span
+/// means "never" rather than an error.
+fn instant_before(now: OffsetDateTime, span: std::time::Duration) -> OffsetDateTime {
+    let floor = time::macros::datetime!(0001-01-01 0:00 UTC);
+    time::Duration::try_from(span)
+        .ok()
+        .and_then(|span| now.checked_sub(span))
+        .map_or(floor, |start| start.max(floor))
+}
+
+/// What [`Store::reserve_try`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TryReservation {
+    /// This try is counted as failure number `failures` until it proves good; `lockouts`
+    /// so far.
+    Reserved { failures: u32, lockouts: u32 },
+    /// Locked until then (nothing changed).
+    Locked { until: OffsetDateTime },
+    /// The budget is used up by tries still in flight (no lock set yet); nothing changed.
+    Exhausted { lockouts: u32 },
+}
+
+/// A guard's row, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuardState {
+    pub failures: u32,
+    /// Start of the current counting window.
+    pub first_failure_at: OffsetDateTime,
+    pub locked_until: Option<OffsetDateTime>,
+    /// Consecutive lockouts: each lock lasts longer than the one before.
+    pub lockouts: u32,
+}
+
+/// A second factor a login challenge asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MfaMethod {
+    /// A code mailed to the account's address.
+    EmailOtp,
+    /// A code from an authenticator app (or a recovery code in its place).
+    Totp,
+}
+
+impl MfaMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MfaMethod::EmailOtp => "email_otp",
+            MfaMethod::Totp => "totp",
+        }
+    }
+}
+
+/// A second-factor challenge: handed out by a login whose password was right, answered
+/// with a code to open the session.
+#[derive(Debug, Clone)]
+pub struct NewMfaChallenge {
+    pub id: Uuid,
+    /// SHA-256 of the challenge token; the token itself is only ever in the login answer.
+    pub token_hash: Vec<u8>,
+    pub user_id: Uuid,
+    pub method: MfaMethod,
+    /// For `EmailOtp`: the keyed hash of the mailed code.
+    pub code_hash: Option<Vec<u8>>,
+    pub created_at: OffsetDateTime,
+    pub expires_at: OffsetDateTime,
+}
+
+/// A live challenge, as [`Store::find_mfa_challenge`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MfaChallenge {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub method: MfaMethod,
+    pub code_hash: Option<Vec<u8>>,
+    pub expires_at: OffsetDateTime,
+}
+
+/// A user's TOTP secrets, sealed by the caller (opaque here).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TotpState {
+    /// The enabled secret.
+    pub secret: Option<Vec<u8>>,
+    /// A secret begun but not yet confirmed with a code.
+    pub pending_secret: Option<Vec<u8>>,
+    /// The last time step whose code was accepted: codes of that step or earlier are replays.
+    pub last_step: Option<i64>,
+}
+
 /// Profile fields to change; `None` leaves a field as it is.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ProfileChanges {
@@ -505,6 +754,10 @@ pub struct UserRecord {
     pub roles: Vec<String>,
     pub email_verified_at: Option<OffsetDateTime>,
     pub created_at: OffsetDateTime,
+    /// The emailed login code is on.
+    pub email_otp_enabled: bool,
+    /// TOTP is on (a confirmed secret is stored; a pending one does not count).
+    pub totp_enabled: bool,
 }
 
 /// Where a session was opened from, as parsed at login.
@@ -529,6 +782,9 @@ pub struct NewSession {
     pub created_at: OffsetDateTime,
     /// The absolute end of the session.
     pub expires_at: OffsetDateTime,
+    /// Authentication methods (RFC 8176) the login proved, e.g. `pwd`, `otp`: kept with the
+    /// session so that access tokens issued on refresh still carry them.
+    pub amr: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -543,6 +799,8 @@ pub struct SessionRecord {
     pub refreshed_at: OffsetDateTime,
     pub expires_at: OffsetDateTime,
     pub revoked_at: Option<OffsetDateTime>,
+    /// As given at login (see [`NewSession::amr`]).
+    pub amr: Vec<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -1,7 +1,7 @@
 //! [`Store`] on SQLite: the default engine, for single-node deployments.
 //!
 //! Instants are stored as INTEGER Unix microseconds (see the migration); ids as 16-byte
-//! BLOBs; roles as a JSON array in TEXT.
+//! BLOBs; roles and session `amr` as JSON arrays in TEXT.
 //!
 //! Concurrency: SQLite has one writer at a time. Single-statement writes (autocommit) wait
 //! for the write lock through `busy_timeout`. A deferred transaction that reads and then
@@ -22,16 +22,31 @@ use time::{OffsetDateTime, PrimitiveDateTime};
 use uuid::Uuid;
 
 use super::{
-    AttemptOutcome, DeviceInfo, DeviceSighting, Location, LoginAttempt, NewLoginAttempt, NewMail,
-    NewOneTimeToken, NewSession, NewUser, OutboxMail, ProfileChanges, RefreshRotation, RevokeReason,
-    RotateOutcome, SessionRecord, SpentToken, Store, StoreError, StoreTx, TokenPurpose, UserRecord,
+    AttemptOutcome, DeviceInfo, DeviceSighting, GuardBudget, GuardKey, GuardState, Location, LoginAttempt,
+    MfaChallenge, MfaMethod, NewLoginAttempt, NewMail, NewMfaChallenge, NewOneTimeToken, NewSession, NewUser,
+    OutboxMail, ProfileChanges, RefreshRotation, RevokeReason, RotateOutcome, SessionRecord, SpentToken,
+    Store, StoreError, StoreTx, TokenPurpose, TotpState, TryReservation, UserRecord,
 };
 
 /// The columns [`user_from_row`] reads, as a literal so queries can `concat!` it.
 macro_rules! user_columns {
     () => {
         "id, username, email, password_hash, first_name, last_name, phone, bio, roles, email_verified_at, \
-         created_at"
+         created_at, email_otp_enabled, totp_secret IS NOT NULL AS totp_enabled"
+    };
+}
+
+/// The columns [`guard_from_row`] reads.
+macro_rules! guard_columns {
+    () => {
+        "failures, first_failure_at, locked_until, lockouts"
+    };
+}
+
+/// The columns [`challenge_from_row`] reads.
+macro_rules! challenge_columns {
+    () => {
+        "id, user_id, method, code_hash, expires_at"
     };
 }
 
@@ -46,7 +61,8 @@ macro_rules! mail_columns {
 macro_rules! session_columns {
     () => {
         "id, user_id, device_type, browser, os, user_agent, ip_address, device_fingerprint, \
-         created_at, last_active_at, refreshed_at, expires_at, revoked_at, country, city, latitude, longitude"
+         created_at, last_active_at, refreshed_at, expires_at, revoked_at, country, city, latitude, longitude, \
+         amr"
     };
 }
 
@@ -154,6 +170,13 @@ impl SqliteStore {
                 SqlStr::from_static(include_str!("../../migrations/sqlite/0004_known_devices.sql")),
                 false,
             ),
+            Migration::new(
+                5,
+                "login guards and mfa".into(),
+                MigrationType::Simple,
+                SqlStr::from_static(include_str!("../../migrations/sqlite/0005_login_guards_and_mfa.sql")),
+                false,
+            ),
         ])
     }
 }
@@ -208,11 +231,14 @@ impl Store for SqliteStore {
     async fn create_session(&self, session: &NewSession) -> Result<SessionRecord, StoreError> {
         let device = &session.device;
         let location = session.location.as_ref();
+        let amr = serde_json::to_string(&session.amr)
+            .map_err(|error| StoreError::Corrupt(format!("amr does not encode: {error}")))?;
         let rows = sqlx::query(concat!(
             "INSERT INTO sessions (id, user_id, refresh_hash, device_type, browser, os, user_agent, \
              ip_address, device_fingerprint, created_at, last_active_at, refreshed_at, expires_at, \
-             country, city, latitude, longitude) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $10, $11, $12, $13, $14, $15) RETURNING ",
+             country, city, latitude, longitude, amr) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $10, $11, $12, $13, $14, $15, $16) \
+             RETURNING ",
             session_columns!()
         ))
         .bind(session.id)
@@ -230,6 +256,7 @@ impl Store for SqliteStore {
         .bind(location.map(|l| l.city.as_str()))
         .bind(location.and_then(|l| l.latitude))
         .bind(location.and_then(|l| l.longitude))
+        .bind(amr)
         .fetch_all(&self.pool)
         .await?;
         let row = rows.first().ok_or_else(|| StoreError::Corrupt("INSERT returned no row".into()))?;
@@ -458,6 +485,215 @@ impl Store for SqliteStore {
             .execute(&self.pool)
             .await?;
         Ok(purged.rows_affected())
+    }
+
+    async fn reserve_try(
+        &self,
+        key: &GuardKey,
+        budget: &GuardBudget,
+        now: OffsetDateTime,
+    ) -> Result<TryReservation, StoreError> {
+        // One upsert in autocommit: it takes the write lock before reading (waiting through
+        // busy_timeout), so concurrent callers run one after another, each seeing the counts
+        // of the ones before, and no more than max_failures of them are counted per window.
+        // When the WHERE clause is false no row is returned. The SET expressions all read the
+        // row as it was.
+        let now_micros = micros(now);
+        let rows = sqlx::query(
+            "INSERT INTO login_guards AS g (subject, scope, user_id, failures, first_failure_at, lockouts) \
+             VALUES ($1, $2, $3, 1, $4, 0) \
+             ON CONFLICT (subject, scope) DO UPDATE SET \
+                 failures = CASE WHEN g.first_failure_at <= $5 THEN 1 ELSE g.failures + 1 END, \
+                 first_failure_at = CASE WHEN g.first_failure_at <= $5 THEN $4 ELSE g.first_failure_at END, \
+                 lockouts = CASE WHEN g.first_failure_at <= $5 \
+                                      AND (g.locked_until IS NULL OR g.locked_until <= $6) \
+                                 THEN 0 ELSE g.lockouts END \
+             WHERE (g.locked_until IS NULL OR g.locked_until <= $4) \
+               AND (g.first_failure_at <= $5 OR g.failures < $7) \
+             RETURNING failures, lockouts",
+        )
+        .bind(&key.subject)
+        .bind(&key.scope)
+        .bind(key.user_id)
+        .bind(now_micros)
+        .bind(micros(budget.window_start(now)))
+        .bind(micros(budget.forget_cutoff(now)))
+        .bind(i64::from(budget.max_failures))
+        .fetch_all(&self.pool)
+        .await?;
+        if let Some(row) = rows.first() {
+            return Ok(TryReservation::Reserved {
+                failures: count(row, "failures")?,
+                lockouts: count(row, "lockouts")?,
+            });
+        }
+        // Not counted: say why, from the row as it is now. Should it have been cleared or
+        // purged meanwhile, "exhausted" still refuses this one try, which errs on the safe side.
+        let state = self.guard_state(key).await?;
+        Ok(match state {
+            Some(GuardState { locked_until: Some(until), .. }) if until > now => {
+                TryReservation::Locked { until }
+            }
+            Some(state) => TryReservation::Exhausted { lockouts: state.lockouts },
+            None => TryReservation::Exhausted { lockouts: 0 },
+        })
+    }
+
+    async fn lock_guard(
+        &self,
+        key: &GuardKey,
+        until: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        // Conditional on being unlocked, in autocommit (write lock first): of two callers the
+        // second finds it locked, and does not lock (nor alert) again.
+        let locked = sqlx::query(
+            "UPDATE login_guards SET locked_until = $3, lockouts = lockouts + 1, failures = 0 \
+             WHERE subject = $1 AND scope = $2 AND (locked_until IS NULL OR locked_until <= $4)",
+        )
+        .bind(&key.subject)
+        .bind(&key.scope)
+        .bind(micros(until))
+        .bind(micros(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(locked.rows_affected() > 0)
+    }
+
+    async fn clear_guard(&self, key: &GuardKey) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM login_guards WHERE subject = $1 AND scope = $2")
+            .bind(&key.subject)
+            .bind(&key.scope)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn guard_state(&self, key: &GuardKey) -> Result<Option<GuardState>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            guard_columns!(),
+            " FROM login_guards WHERE subject = $1 AND scope = $2"
+        ))
+        .bind(&key.subject)
+        .bind(&key.scope)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(guard_from_row).transpose()
+    }
+
+    async fn purge_login_guards(&self, cutoff: OffsetDateTime) -> Result<u64, StoreError> {
+        let purged = sqlx::query(
+            "DELETE FROM login_guards \
+             WHERE first_failure_at < $1 AND (locked_until IS NULL OR locked_until < $1)",
+        )
+        .bind(micros(cutoff))
+        .execute(&self.pool)
+        .await?;
+        Ok(purged.rows_affected())
+    }
+
+    async fn find_mfa_challenge(
+        &self,
+        token_hash: &[u8],
+        now: OffsetDateTime,
+    ) -> Result<Option<MfaChallenge>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            challenge_columns!(),
+            " FROM mfa_challenges WHERE token_hash = $1 AND consumed_at IS NULL AND expires_at > $2"
+        ))
+        .bind(token_hash)
+        .bind(micros(now))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(challenge_from_row).transpose()
+    }
+
+    async fn consume_mfa_challenge(&self, id: Uuid, now: OffsetDateTime) -> Result<bool, StoreError> {
+        // One conditional UPDATE in autocommit: concurrent consumers run one after another,
+        // and only the first still finds it live.
+        let consumed = sqlx::query(
+            "UPDATE mfa_challenges SET consumed_at = $2 \
+             WHERE id = $1 AND consumed_at IS NULL AND expires_at > $2",
+        )
+        .bind(id)
+        .bind(micros(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(consumed.rows_affected() > 0)
+    }
+
+    async fn consume_mfa_challenges_of(&self, user_id: Uuid, now: OffsetDateTime) -> Result<u64, StoreError> {
+        consume_mfa_challenges(&mut *self.pool.acquire().await?, user_id, None, now).await
+    }
+
+    async fn totp_state(&self, user_id: Uuid) -> Result<Option<TotpState>, StoreError> {
+        let row =
+            sqlx::query("SELECT totp_secret, totp_pending_secret, totp_last_step FROM users WHERE id = $1")
+                .bind(user_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|row| {
+            Ok(TotpState {
+                secret: get(&row, "totp_secret")?,
+                pending_secret: get(&row, "totp_pending_secret")?,
+                last_step: get(&row, "totp_last_step")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn advance_totp_step(&self, user_id: Uuid, step: i64) -> Result<bool, StoreError> {
+        // One conditional UPDATE in autocommit: of concurrent calls with one step, the first
+        // raises the last step and the others no longer find it lower.
+        let advanced = sqlx::query(
+            "UPDATE users SET totp_last_step = $2 \
+             WHERE id = $1 AND totp_secret IS NOT NULL AND (totp_last_step IS NULL OR totp_last_step < $2)",
+        )
+        .bind(user_id)
+        .bind(step)
+        .execute(&self.pool)
+        .await?;
+        Ok(advanced.rows_affected() > 0)
+    }
+
+    async fn consume_recovery_code(
+        &self,
+        user_id: Uuid,
+        code_hash: &[u8],
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let used = sqlx::query(
+            "UPDATE recovery_codes SET used_at = $3 \
+             WHERE user_id = $1 AND code_hash = $2 AND used_at IS NULL",
+        )
+        .bind(user_id)
+        .bind(code_hash)
+        .bind(micros(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(used.rows_affected() > 0)
+    }
+
+    async fn remaining_recovery_codes(&self, user_id: Uuid) -> Result<u32, StoreError> {
+        let remaining: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM recovery_codes WHERE user_id = $1 AND used_at IS NULL")
+                .bind(user_id)
+                .fetch_one(&self.pool)
+                .await?;
+        u32::try_from(remaining).map_err(|error| StoreError::Corrupt(format!("recovery code count: {error}")))
+    }
+
+    async fn is_known_device(&self, user_id: Uuid, device_key: &[u8]) -> Result<bool, StoreError> {
+        let known: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM known_devices WHERE user_id = $1 AND device_key = $2)",
+        )
+        .bind(user_id)
+        .bind(device_key)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(known)
     }
 
     async fn begin(&self) -> Result<Box<dyn StoreTx>, StoreError> {
@@ -849,6 +1085,115 @@ impl StoreTx for SqliteTx {
         Ok(DeviceSighting::New { first_device: others == 0 })
     }
 
+    async fn create_mfa_challenge(&mut self, challenge: &NewMfaChallenge) -> Result<(), StoreError> {
+        consume_mfa_challenges(&mut self.tx, challenge.user_id, Some(challenge.method), challenge.created_at)
+            .await?;
+        sqlx::query(
+            "INSERT INTO mfa_challenges (id, token_hash, user_id, method, code_hash, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(challenge.id)
+        .bind(&challenge.token_hash)
+        .bind(challenge.user_id)
+        .bind(challenge.method.as_str())
+        .bind(&challenge.code_hash)
+        .bind(micros(challenge.created_at))
+        .bind(micros(challenge.expires_at))
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn set_email_otp(
+        &mut self,
+        user_id: Uuid,
+        enabled: bool,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE users SET email_otp_enabled = $2, updated_at = $3 WHERE id = $1")
+            .bind(user_id)
+            .bind(enabled)
+            .bind(micros(now))
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn set_totp_pending(
+        &mut self,
+        user_id: Uuid,
+        sealed: Option<&[u8]>,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE users SET totp_pending_secret = $2, updated_at = $3 WHERE id = $1")
+            .bind(user_id)
+            .bind(sealed)
+            .bind(micros(now))
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn activate_totp(
+        &mut self,
+        user_id: Uuid,
+        secret: &[u8],
+        step: i64,
+        recovery_hashes: &[Vec<u8>],
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        // The transaction holds the write lock: the pending secret cannot change meanwhile.
+        let activated = sqlx::query(
+            "UPDATE users SET totp_secret = totp_pending_secret, totp_pending_secret = NULL, \
+             totp_last_step = $3, updated_at = $4 \
+             WHERE id = $1 AND totp_pending_secret = $2",
+        )
+        .bind(user_id)
+        .bind(secret)
+        .bind(step)
+        .bind(micros(now))
+        .execute(&mut *self.tx)
+        .await?;
+        if activated.rows_affected() == 0 {
+            return Ok(false);
+        }
+        sqlx::query("DELETE FROM recovery_codes WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut *self.tx)
+            .await?;
+        // A handful of codes: one short statement each. Duplicates (never, with random codes)
+        // would be one code.
+        for code_hash in recovery_hashes {
+            sqlx::query(
+                "INSERT INTO recovery_codes (user_id, code_hash, created_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (user_id, code_hash) DO NOTHING",
+            )
+            .bind(user_id)
+            .bind(code_hash)
+            .bind(micros(now))
+            .execute(&mut *self.tx)
+            .await?;
+        }
+        Ok(true)
+    }
+
+    async fn disable_totp(&mut self, user_id: Uuid, now: OffsetDateTime) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE users SET totp_secret = NULL, totp_pending_secret = NULL, totp_last_step = NULL, \
+             updated_at = $2 WHERE id = $1",
+        )
+        .bind(user_id)
+        .bind(micros(now))
+        .execute(&mut *self.tx)
+        .await?;
+        sqlx::query("DELETE FROM recovery_codes WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut *self.tx)
+            .await?;
+        consume_mfa_challenges(&mut self.tx, user_id, Some(MfaMethod::Totp), now).await?;
+        Ok(())
+    }
+
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
         self.tx.commit().await?;
         Ok(())
@@ -923,6 +1268,25 @@ async fn revoke_user_sessions(
     Ok(ids)
 }
 
+/// Consumes the user's live challenges, of one method or of all; returns how many.
+async fn consume_mfa_challenges(
+    conn: &mut SqliteConnection,
+    user_id: Uuid,
+    method: Option<MfaMethod>,
+    now: OffsetDateTime,
+) -> Result<u64, StoreError> {
+    let consumed = sqlx::query(
+        "UPDATE mfa_challenges SET consumed_at = $3 \
+         WHERE user_id = $1 AND method = COALESCE($2, method) AND consumed_at IS NULL AND expires_at > $3",
+    )
+    .bind(user_id)
+    .bind(method.map(MfaMethod::as_str))
+    .bind(micros(now))
+    .execute(conn)
+    .await?;
+    Ok(consumed.rows_affected())
+}
+
 /// The end of a claim's lease (saturating: an absurd lease claims "forever").
 fn lease_end(now: OffsetDateTime, lease: Duration) -> OffsetDateTime {
     time::Duration::try_from(lease)
@@ -990,10 +1354,13 @@ fn user_from_row(row: &SqliteRow) -> Result<UserRecord, StoreError> {
             .map_err(|error| StoreError::Corrupt(format!("column roles: {error}")))?,
         email_verified_at: optional_instant(row, "email_verified_at")?,
         created_at: instant(row, "created_at")?,
+        email_otp_enabled: get(row, "email_otp_enabled")?,
+        totp_enabled: get(row, "totp_enabled")?,
     })
 }
 
 fn session_from_row(row: &SqliteRow) -> Result<SessionRecord, StoreError> {
+    let amr: String = get(row, "amr")?;
     Ok(SessionRecord {
         id: get(row, "id")?,
         user_id: get(row, "user_id")?,
@@ -1011,6 +1378,8 @@ fn session_from_row(row: &SqliteRow) -> Result<SessionRecord, StoreError> {
         expires_at: instant(row, "expires_at")?,
         revoked_at: optional_instant(row, "revoked_at")?,
         location: location_from_row(row)?,
+        amr: serde_json::from_str(&amr)
+            .map_err(|error| StoreError::Corrupt(format!("column amr: {error}")))?,
     })
 }
 
@@ -1060,6 +1429,36 @@ fn attempt_from_row(row: &SqliteRow) -> Result<LoginAttempt, StoreError> {
             fingerprint: get(row, "device_fingerprint")?,
         },
         location: location_from_row(row)?,
+    })
+}
+
+/// A non-negative count column.
+fn count(row: &SqliteRow, column: &str) -> Result<u32, StoreError> {
+    let value: i64 = get(row, column)?;
+    u32::try_from(value).map_err(|error| StoreError::Corrupt(format!("column {column}: {error}")))
+}
+
+fn guard_from_row(row: &SqliteRow) -> Result<GuardState, StoreError> {
+    Ok(GuardState {
+        failures: count(row, "failures")?,
+        first_failure_at: instant(row, "first_failure_at")?,
+        locked_until: optional_instant(row, "locked_until")?,
+        lockouts: count(row, "lockouts")?,
+    })
+}
+
+fn challenge_from_row(row: &SqliteRow) -> Result<MfaChallenge, StoreError> {
+    let method: String = get(row, "method")?;
+    Ok(MfaChallenge {
+        id: get(row, "id")?,
+        user_id: get(row, "user_id")?,
+        method: match method.as_str() {
+            "email_otp" => MfaMethod::EmailOtp,
+            "totp" => MfaMethod::Totp,
+            other => return Err(StoreError::Corrupt(format!("column method: unknown method {other:?}"))),
+        },
+        code_hash: get(row, "code_hash")?,
+        expires_at: instant(row, "expires_at")?,
     })
 }
 

@@ -34,7 +34,7 @@ async fn login_from(app: &TestApp, who: &str, fingerprint: &str) -> pb::Authenti
         .into_inner();
     match response.outcome {
         Some(pb::login_response::Outcome::Authenticated(session)) => session,
-        None => panic!("no outcome"),
+        _ => panic!("no session"),
     }
 }
 

@@ -67,6 +67,9 @@ pub async fn test_settings(backend: Backend) -> Option<(Settings, tempfile::Temp
     // Most tests log in right after registering; the verification tests switch it on.
     settings.login.require_verified_email = false;
     settings.mail.poll_interval = Duration::from_millis(100);
+    // Every test logs in from one address: the brute-force defences get budgets no test
+    // reaches by accident; the tests of those defences set their own.
+    relax_defences(&mut settings);
     if backend == Backend::Postgres {
         let Some(database_url) = support::fresh_postgres_url().await else {
             support::skip("PostgreSQL + Redis variant");
@@ -84,6 +87,28 @@ pub async fn test_settings(backend: Backend) -> Option<(Settings, tempfile::Temp
         generate_key_file(&settings.keys_dir(), SigningAlgorithm::RS256).expect("generate key");
     }
     Some((settings, data))
+}
+
+/// Limits and lockouts out of the way of tests that are not about them.
+pub fn relax_defences(settings: &mut Settings) {
+    use portcullis::config::RateLimit;
+    let generous = RateLimit::new(10_000, Duration::from_secs(60), Duration::ZERO);
+    settings.login.account_lockout.max_failures = 100;
+    settings.login.known_device_lockout.max_failures = 100;
+    settings.login.ip_block = generous;
+    settings.login.client_throttle = generous;
+    let limits = &mut settings.limits;
+    for limit in [
+        &mut limits.register_per_ip,
+        &mut limits.forgot_password_per_account,
+        &mut limits.forgot_password_per_ip,
+        &mut limits.resend_verification_per_account,
+        &mut limits.resend_verification_per_ip,
+        &mut limits.verify_mfa_per_challenge,
+        &mut limits.new_device_alerts_per_account,
+    ] {
+        *limit = generous;
+    }
 }
 
 /// Spawns a server with test settings adjusted by `tweak`.
@@ -201,6 +226,7 @@ impl TestApp {
             .into_inner();
         match response.outcome {
             Some(Outcome::Authenticated(session)) => Ok(session),
+            Some(Outcome::MfaRequired(_)) => panic!("login asked for a second factor"),
             None => panic!("login answered without an outcome"),
         }
     }

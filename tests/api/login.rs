@@ -87,8 +87,21 @@ async fn wrong_password_and_unknown_user_get_one_answer(backend: Backend) {
 /// password in tens of milliseconds; without the failure floor an account with a cheaper
 /// (imported) hash would answer faster than both. The medians must be of the same order.
 async fn unknown_user_costs_a_bcrypt_like_a_wrong_password(backend: Backend) {
-    let Some(app) = spawn_app_with(backend, |s| s.password.bcrypt_cost = 10).await else { return };
+    let Some(app) = spawn_app_with(backend, |s| {
+        s.password.bcrypt_cost = 10;
+        s.login.account_lockout.max_failures = 20;
+    })
+    .await
+    else {
+        return;
+    };
     app.register("erin").await;
+    app.register("locked").await;
+    for _ in 0..20 {
+        app.try_login("locked", "definitely wrong password").await.unwrap_err();
+    }
+    let locked = app.try_login("locked", "definitely wrong password").await.unwrap_err();
+    assert_eq!(locked.code(), Code::ResourceExhausted, "locked after its budget");
     let legacy = app.register("imported").await;
     let store = app.store().await;
     let id = legacy.id.parse().unwrap();
@@ -96,23 +109,25 @@ async fn unknown_user_costs_a_bcrypt_like_a_wrong_password(backend: Backend) {
     let cheap = bcrypt::hash("imported-password", 4).unwrap();
     assert!(store.replace_password_hash(id, &current, &cheap).await.unwrap());
 
-    let mut samples = [Vec::new(), Vec::new(), Vec::new()];
+    let mut samples = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
     for _ in 0..9 {
-        for (i, who) in ["erin", "nobody-here", "imported"].iter().enumerate() {
+        for (i, who) in ["erin", "nobody-here", "imported", "locked"].iter().enumerate() {
             let t = Instant::now();
             app.try_login(who, "definitely wrong password").await.unwrap_err();
             samples[i].push(t.elapsed().as_secs_f64());
         }
     }
-    let [wrong, unknown, cheap] = samples.map(|mut s| {
+    let [wrong, unknown, cheap, locked] = samples.map(|mut s| {
         s.sort_by(f64::total_cmp);
         s[4]
     });
     eprintln!(
-        "login medians (bcrypt cost 10): wrong password {wrong:.4}s, unknown user {unknown:.4}s, cheap imported hash {cheap:.4}s"
+        "login medians (bcrypt cost 10): wrong password {wrong:.4}s, unknown user {unknown:.4}s, cheap imported hash {cheap:.4}s, locked account {locked:.4}s"
     );
     assert!(wrong > Duration::from_millis(10).as_secs_f64(), "cost 10 bcrypt takes milliseconds: {wrong}");
-    for (what, median) in [("unknown user", unknown), ("cheap imported hash", cheap)] {
+    for (what, median) in
+        [("unknown user", unknown), ("cheap imported hash", cheap), ("locked account", locked)]
+    {
         let ratio = median / wrong;
         assert!((0.6..1.7).contains(&ratio), "{what} median {median:.4}s vs wrong password {wrong:.4}s");
     }

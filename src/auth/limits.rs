@@ -1,0 +1,147 @@
+//! Rate limits and blocks in the hot state, with this process's own windows as the fallback
+//! while the hot state is unreachable.
+//!
+//! Request limits and IP blocks are a defence against floods, not a source of truth: with
+//! Redis down each replica keeps counting on its own (so N replicas allow up to N times the
+//! limit until Redis is back) rather than refusing every caller or letting every caller
+//! through. Where failing open would hand an attacker unlimited guesses — MFA codes — use
+//! [`Limiter::hit_strict`], which refuses instead. Account lockout is not here at all: it is
+//! durable, in the store (see `auth::guard`).
+
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use crate::{
+    config::RateLimit,
+    hot::{DynHotState, HotError, HotState, Limit, LimitDecision, MemoryHotState},
+};
+
+pub(crate) struct Limiter {
+    hot: DynHotState,
+    local: MemoryHotState,
+}
+
+/// Which state counted an event, so a refund goes back to the same one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counter {
+    Shared,
+    Local,
+}
+
+/// One counted event, to take back if the attempt turns out good.
+#[derive(Debug, Clone)]
+pub(crate) struct Counted {
+    key: String,
+    member: String,
+    counter: Counter,
+}
+
+/// What a limit answered.
+#[derive(Debug)]
+pub(crate) enum Verdict {
+    Allowed(Counted),
+    Denied { retry_after: Duration },
+}
+
+fn limit(rate: &RateLimit) -> Limit {
+    Limit { limit: rate.limit, window: rate.window, block: rate.block }
+}
+
+impl Limiter {
+    pub(crate) fn new(hot: DynHotState) -> Limiter {
+        Limiter { hot, local: MemoryHotState::new() }
+    }
+
+    /// Counts one event against `key`; falls back to this process's windows when the hot
+    /// state fails (`fell_back` is called then, so the caller can note the outage).
+    pub(crate) async fn hit(&self, key: String, rate: &RateLimit, fell_back: impl FnOnce()) -> Verdict {
+        let member = Uuid::new_v4().simple().to_string();
+        let (decision, counter) = match self.hot.limit_hit(&key, limit(rate), &member).await {
+            Ok(decision) => (decision, Counter::Shared),
+            Err(error) => {
+                tracing::warn!(error = ?error, "hot state unavailable: rate limit counted in this process");
+                fell_back();
+                let decision = self.local.limit_hit(&key, limit(rate), &member).await;
+                (decision.unwrap_or(LimitDecision::Allowed { count: 1 }), Counter::Local)
+            }
+        };
+        verdict(decision, Counted { key, member, counter })
+    }
+
+    /// Counts one event against `key` in the hot state only: an error is returned, never
+    /// a guess, so a caller can fail closed.
+    pub(crate) async fn hit_strict(&self, key: String, rate: &RateLimit) -> Result<Verdict, HotError> {
+        let member = Uuid::new_v4().simple().to_string();
+        let decision = self.hot.limit_hit(&key, limit(rate), &member).await?;
+        Ok(verdict(decision, Counted { key, member, counter: Counter::Shared }))
+    }
+
+    /// Takes an event back (the attempt was good). Best effort: an event that cannot be
+    /// taken back only ages out of its window.
+    pub(crate) async fn refund(&self, counted: &Counted) {
+        let result = match counted.counter {
+            Counter::Shared => self.hot.limit_refund(&counted.key, &counted.member).await,
+            Counter::Local => self.local.limit_refund(&counted.key, &counted.member).await,
+        };
+        if let Err(error) = result {
+            tracing::warn!(error = ?error, "cannot take back a rate-limit event");
+        }
+    }
+}
+
+fn verdict(decision: LimitDecision, counted: Counted) -> Verdict {
+    match decision {
+        LimitDecision::Allowed { .. } => Verdict::Allowed(counted),
+        LimitDecision::Denied { retry_after } => Verdict::Denied { retry_after },
+    }
+}
+
+/// A key part naming an identifier or address without writing it into Redis: hex of the
+/// first 16 bytes of its SHA-256 (ample to keep distinct keys apart).
+pub(crate) fn key_part(value: &str) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, value.as_bytes());
+    digest.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl super::Auth {
+    /// Counts one request against every limit in `checks`; the first that is full refuses
+    /// it (the counts already taken for this request are given back).
+    pub(crate) async fn enforce_limits(
+        &self,
+        checks: Vec<(String, &RateLimit)>,
+    ) -> Result<(), super::AuthError> {
+        let mut taken = Vec::with_capacity(checks.len());
+        for (key, rate) in checks {
+            match self.limiter.hit(key, rate, || self.resync.notify_one()).await {
+                Verdict::Allowed(counted) => taken.push(counted),
+                Verdict::Denied { retry_after } => {
+                    for counted in &taken {
+                        self.limiter.refund(counted).await;
+                    }
+                    tracing::info!(?retry_after, "request rate limited");
+                    return Err(super::AuthError::RateLimited { retry_after });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a mail to this account is within its limit; when not, the mail is skipped
+    /// silently (the caller's answer never depends on it).
+    pub(crate) async fn mail_allowed(&self, key: String, rate: &RateLimit) -> bool {
+        match self.limiter.hit(key, rate, || self.resync.notify_one()).await {
+            Verdict::Allowed(_) => true,
+            Verdict::Denied { .. } => {
+                tracing::info!("mail to an account skipped: over its limit");
+                false
+            }
+        }
+    }
+}
+
+/// The limit key of a client address: per address, or one shared bucket for calls that
+/// carry none (so omitting the address does not escape the limit).
+pub(crate) fn ip_part(ip: Option<std::net::IpAddr>) -> String {
+    ip.map_or_else(|| "none".to_string(), |ip| ip.to_string())
+}
