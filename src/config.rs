@@ -132,6 +132,9 @@ pub struct LimitSettings {
     pub verify_mfa_per_challenge: RateLimit,
     /// New-device alert mails per account (a flood of logins must not flood the mailbox).
     pub new_device_alerts_per_account: RateLimit,
+    /// Emailed login codes per account (each right-password login with the email code on
+    /// sends one).
+    pub login_codes_per_account: RateLimit,
 }
 
 /// Second factors.
@@ -443,6 +446,7 @@ impl Default for LimitSettings {
             resend_verification_per_ip: RateLimit::new(20, HOUR, Duration::ZERO),
             verify_mfa_per_challenge: RateLimit::new(5, MINUTE, Duration::ZERO),
             new_device_alerts_per_account: RateLimit::new(5, HOUR, Duration::ZERO),
+            login_codes_per_account: RateLimit::new(10, HOUR, Duration::ZERO),
         }
     }
 }
@@ -590,6 +594,12 @@ impl Settings {
                     "{name}: window and lockout must be at least 10ms"
                 )));
             }
+            let year = Duration::from_secs(365 * 24 * 3600);
+            if lockout.window > year || lockout.max_lockout > year {
+                return Err(ConfigError::Invalid(format!(
+                    "{name}: window and max_lockout must be at most a year"
+                )));
+            }
             if lockout.max_lockout < lockout.lockout {
                 return Err(ConfigError::Invalid(format!("{name}.max_lockout must be at least its lockout")));
             }
@@ -604,7 +614,13 @@ impl Settings {
             ("limits.resend_verification_per_ip", &self.limits.resend_verification_per_ip),
             ("limits.verify_mfa_per_challenge", &self.limits.verify_mfa_per_challenge),
             ("limits.new_device_alerts_per_account", &self.limits.new_device_alerts_per_account),
+            ("limits.login_codes_per_account", &self.limits.login_codes_per_account),
         ] {
+            if limit.window > Duration::from_secs(365 * 24 * 3600)
+                || limit.block > Duration::from_secs(365 * 24 * 3600)
+            {
+                return Err(ConfigError::Invalid(format!("{name}: window and block must be at most a year")));
+            }
             if limit.limit == 0 || limit.window < Duration::from_millis(10) {
                 return Err(ConfigError::Invalid(format!(
                     "{name}: limit must be at least 1 and window at least 10ms"

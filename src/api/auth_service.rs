@@ -140,6 +140,7 @@ fn validation_response(check: TokenCheck) -> pb::ValidateTokenResponse {
             roles: valid.roles,
             expires_at: Some(convert::timestamp(valid.expires_at)),
             email_verified: valid.email_verified,
+            amr: valid.amr,
         },
         TokenCheck::Invalid(reason) => {
             let reason = match reason {

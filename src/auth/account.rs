@@ -183,9 +183,7 @@ impl Auth {
         field: &'static str,
     ) -> Result<UserRecord, AuthError> {
         let user = self.store.find_user(principal.user_id).await?.ok_or(AuthError::NotFound("account"))?;
-        if !self.hasher.verify(password, Some(&user.password_hash)).await?.matches {
-            return Err(AuthError::invalid(field, format!("{field} is incorrect")));
-        }
+        self.check_own_password(&user, password, field).await?;
         Ok(user)
     }
 }

@@ -12,6 +12,7 @@ use aws_lc_rs::digest::{SHA256, digest};
 
 use super::{
     Auth, AuthError, ClientInfo,
+    limits::Verdict,
     mail::{describe_device, greeting_name},
     register::now_micros,
 };
@@ -34,27 +35,47 @@ impl Auth {
     }
 
     async fn check_device(&self, user_id: Uuid, client: &ClientInfo) -> Result<(), AuthError> {
+        let key = device_key(client);
+        // A flood of logins from new devices must not flood the owner's mailbox: past the
+        // limit the devices are remembered without an alert each. Counted before the
+        // transaction (no Redis round trip while it holds locks, all of SQLite's), and
+        // given back when the device turns out not to need an alert (the first one).
+        let alert_budget = if self.store.is_known_device(user_id, &key).await? {
+            None
+        } else {
+            let key = format!("alerts:user:{}", user_id.simple());
+            Some(
+                self.limiter
+                    .hit(key, &self.limits.new_device_alerts_per_account, || self.resync.notify_one())
+                    .await,
+            )
+        };
         let mut tx = self.store.begin().await?;
         // Locking the user serialises sightings on one account (one "first device").
         let Some(user) = tx.lock_user(user_id).await? else { return Ok(()) };
-        let sighting = tx.remember_device(user.id, &device_key(client), now_micros()).await?;
-        let within_limit = || {
-            self.mail_allowed(
-                format!("alerts:user:{}", user.id.simple()),
-                &self.limits.new_device_alerts_per_account,
-            )
-        };
-        // A flood of logins from new devices must not flood the owner's mailbox: past the
-        // limit the devices are remembered without an alert each.
-        if sighting == (DeviceSighting::New { first_device: false }) && within_limit().await {
-            let ttl = self.mail.unrecognized_login_ttl;
-            // The token remembers where the alert went: the reset it may start goes there.
-            let recipient = Some(user.email.clone());
-            let token = self.issue_link(&mut tx, user.id, TokenPurpose::DisownLogin, ttl, recipient).await?;
-            let mail =
-                self.templates.new_device_login(greeting_name(&user), &token, ttl, &self.activity(client));
-            self.queue_mail(&mut tx, Some(user.id), &user.email, mail).await?;
-            tracing::info!(user_id = %user.id, "login from a new device: alert sent");
+        let sighting = tx.remember_device(user.id, &key, now_micros()).await?;
+        let alerting = sighting == (DeviceSighting::New { first_device: false });
+        match (&alert_budget, alerting) {
+            (Some(Verdict::Allowed(_)), true) => {
+                let ttl = self.mail.unrecognized_login_ttl;
+                // The token remembers where the alert went: the reset it may start goes there.
+                let recipient = Some(user.email.clone());
+                let token =
+                    self.issue_link(&mut tx, user.id, TokenPurpose::DisownLogin, ttl, recipient).await?;
+                let mail = self.templates.new_device_login(
+                    greeting_name(&user),
+                    &token,
+                    ttl,
+                    &self.activity(client),
+                );
+                self.queue_mail(&mut tx, Some(user.id), &user.email, mail).await?;
+                tracing::info!(user_id = %user.id, "login from a new device: alert sent");
+            }
+            (Some(Verdict::Denied { .. }), true) => {
+                tracing::info!(user_id = %user.id, "login from a new device: alert skipped (over the limit)");
+            }
+            (Some(Verdict::Allowed(counted)), false) => self.limiter.refund(counted).await,
+            _ => {}
         }
         self.commit_with_mail(tx).await
     }
@@ -110,7 +131,7 @@ pub(crate) fn device_key(client: &ClientInfo) -> Vec<u8> {
 
 /// The network an address belongs to, coarsely: a device moving within it stays known.
 fn network(ip: Option<IpAddr>) -> String {
-    match ip {
+    match ip.map(|ip| ip.to_canonical()) {
         Some(IpAddr::V4(v4)) => {
             let [a, b, c, _] = v4.octets();
             format!("{a}.{b}.{c}.0/24")

@@ -113,4 +113,31 @@ impl Auth {
             tracing::warn!(error = ?error, scope = guard.key.scope, "cannot reset a login guard");
         }
     }
+
+    /// Checks the password of a signed-in caller (changing the password or the email,
+    /// deleting the account, MFA changes) against the account's budget: a stolen access
+    /// token must not be an unlimited password oracle. Locked: the same bcrypt is paid.
+    pub(crate) async fn check_own_password(
+        &self,
+        user: &crate::store::UserRecord,
+        password: &str,
+        field: &'static str,
+    ) -> Result<(), AuthError> {
+        let guard = Guard::account(user.id, self.login.account_lockout);
+        let reserved = match self.reserve_try(&guard).await? {
+            Ok(reserved) => reserved,
+            Err(retry_after) => {
+                let _ = self.hasher.verify(password, None).await?;
+                return Err(AuthError::TooManyAttempts { retry_after });
+            }
+        };
+        if !self.hasher.verify(password, Some(&user.password_hash)).await?.matches {
+            if let Some(locked_for) = self.try_failed(&guard, reserved).await {
+                tracing::warn!(user_id = %user.id, ?locked_for, "account locked by wrong current passwords");
+            }
+            return Err(AuthError::invalid(field, format!("{field} is incorrect")));
+        }
+        self.try_succeeded(&guard).await;
+        Ok(())
+    }
 }

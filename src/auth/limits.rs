@@ -140,8 +140,31 @@ impl super::Auth {
     }
 }
 
-/// The limit key of a client address: per address, or one shared bucket for calls that
-/// carry none (so omitting the address does not escape the limit).
+/// The limit key of a client address: an IPv4 address (also when written IPv4-mapped), an
+/// IPv6 /64 (the smallest block one client is given, so rotating addresses within it does
+/// not escape a limit), or one shared bucket for calls that carry none.
 pub(crate) fn ip_part(ip: Option<std::net::IpAddr>) -> String {
-    ip.map_or_else(|| "none".to_string(), |ip| ip.to_string())
+    match ip.map(|ip| ip.to_canonical()) {
+        Some(std::net::IpAddr::V4(v4)) => v4.to_string(),
+        Some(std::net::IpAddr::V6(v6)) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        None => "none".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ip_part;
+
+    #[test]
+    fn addresses_are_keyed_by_what_one_client_holds() {
+        let key = |ip: &str| ip_part(Some(ip.parse().unwrap()));
+        assert_eq!(key("203.0.113.7"), "203.0.113.7");
+        assert_eq!(key("::ffff:203.0.113.7"), "203.0.113.7", "IPv4-mapped is the IPv4 address");
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff:1:2:3"), "one /64");
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(ip_part(None), "none");
+    }
 }

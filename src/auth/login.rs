@@ -11,7 +11,7 @@ use super::{
     devices::device_key,
     domain::LoginIdentifier,
     guard::Guard,
-    limits::{Counted, Verdict, key_part},
+    limits::{Counted, Verdict, ip_part, key_part},
     mfa::MfaChallengeIssued,
     register::now_micros,
 };
@@ -39,6 +39,19 @@ pub enum LoginResult {
     MfaRequired(MfaChallengeIssued),
 }
 
+/// How a password try ended.
+enum PasswordTry {
+    Locked(std::time::Duration),
+    Wrong { locked_for: Option<std::time::Duration> },
+    Right { needs_rehash: bool },
+}
+
+/// The lock worth mailing the owner about: the account's. A known device's own lock (the
+/// owner mistyping on their phone) pauses nothing else.
+fn locked_for_account(guard: &Guard, locked_for: Option<std::time::Duration>) -> Option<std::time::Duration> {
+    locked_for.filter(|_| guard.key.scope == "account")
+}
+
 /// Authentication methods (RFC 8176) of a session, as the access token's `amr` claim.
 pub(crate) const AMR_PASSWORD: &[&str] = &["pwd"];
 pub(crate) const AMR_PASSWORD_AND_OTP: &[&str] = &["pwd", "otp"];
@@ -62,13 +75,14 @@ impl Auth {
             return Err(AuthError::invalid("password", "password is too long"));
         }
 
-        // Per address first: cheap, and refusing here costs no bcrypt. Counted before the
-        // password is checked (a parallel burst gets no more than the limit evaluated) and
-        // given back if it proves right.
+        // Per address first: cheap, and refusing here costs no bcrypt (nor a database
+        // write: refused tries are not recorded, so a blocked flood stays off the disk).
+        // Counted before the password is checked (a parallel burst gets no more than the
+        // limit evaluated) and given back if it proves right.
         let client_counts = match self.count_client_failure(client).await {
             Ok(counts) => counts,
             Err(retry_after) => {
-                self.record_attempt(typed, None, AttemptOutcome::Failure, "throttled", client).await;
+                tracing::info!("login refused: address blocked or throttled");
                 return Err(AuthError::TooManyAttempts { retry_after });
             }
         };
@@ -76,25 +90,33 @@ impl Auth {
         let user = self.store.find_user_by_login(identifier.key()).await?;
         let guard = self.password_guard(identifier.key(), user.as_ref(), client).await?;
         let user_id = user.as_ref().map(|u| u.id);
-        let reserved = match self.reserve_try(&guard).await? {
-            Ok(reserved) => reserved,
-            Err(retry_after) => {
-                // Locked: the password is not evaluated, but the same bcrypt is paid, so the
-                // answer takes as long as for a wrong password or an unknown account.
-                let _ = self.hasher.verify(password, None).await?;
+        // Counted, checked and settled in a task of its own: a caller that cancels (a short
+        // deadline) or a full bcrypt queue cannot leave a counted try unsettled and so
+        // dodge the lock.
+        let (auth, settle_guard) = (self.clone(), guard.clone());
+        let (attempt, stored_hash) = (password.to_string(), user.as_ref().map(|u| u.password_hash.clone()));
+        let settled = tokio::spawn(async move {
+            auth.settle_password_try(&settle_guard, &attempt, stored_hash.as_deref()).await
+        })
+        .await
+        .map_err(|e| AuthError::Internal(e.into()))??;
+        let (user, needs_rehash) = match settled {
+            PasswordTry::Locked(retry_after) => {
                 tracing::info!("login refused: locked");
                 self.record_attempt(typed, user_id, AttemptOutcome::Failure, "locked", client).await;
                 return Err(AuthError::TooManyAttempts { retry_after });
             }
-        };
-
-        let verified = self.hasher.verify(password, user.as_ref().map(|u| u.password_hash.as_str())).await?;
-        let user = match user {
-            Some(user) if verified.matches => user,
-            _ => {
+            // A right password needs a stored hash, so an account.
+            PasswordTry::Right { needs_rehash } => (
+                user.ok_or_else(|| {
+                    AuthError::Internal(anyhow::anyhow!("no account behind a right password"))
+                })?,
+                needs_rehash,
+            ),
+            PasswordTry::Wrong { locked_for } => {
                 tracing::info!("login failed: invalid credentials");
-                if let Some(locked_for) = self.try_failed(&guard, reserved).await {
-                    self.on_lockout(user_id, &guard, locked_for, client);
+                if let Some(locked_for) = locked_for_account(&guard, locked_for) {
+                    self.on_lockout(user_id, locked_for, client);
                 }
                 self.record_attempt(typed, user_id, AttemptOutcome::Failure, "invalid_credentials", client)
                     .await;
@@ -102,15 +124,11 @@ impl Auth {
             }
         };
 
-        // The password is right: every budget it spent starts afresh.
-        self.try_succeeded(&guard).await;
-        if guard.key.scope != "account" {
-            self.try_succeeded(&Guard::account(user.id, self.login.account_lockout)).await;
-        }
+        // The password is right: what it spent from the address throttles comes back.
         for counted in &client_counts {
             self.limiter.refund(counted).await;
         }
-        if verified.needs_rehash {
+        if needs_rehash {
             self.upgrade_hash(&user, password).await;
         }
         // Checked after the password, so it tells nothing to someone who does not know it.
@@ -128,6 +146,37 @@ impl Auth {
         let outcome = self.open_session(user, client, AMR_PASSWORD).await?;
         self.record_attempt(typed, Some(outcome.user.id), AttemptOutcome::Success, "ok", client).await;
         Ok(LoginResult::Authenticated(Box::new(outcome)))
+    }
+
+    /// One password try against `guard`: reserved, checked, settled. A locked guard still
+    /// pays one bcrypt (against a dummy hash), so locked, unknown and wrong answers take
+    /// the same time. A right password resets the budget it spent — only that one: a
+    /// known device's success does not lift a lock an attacker ran up on the account.
+    async fn settle_password_try(
+        &self,
+        guard: &Guard,
+        password: &str,
+        stored_hash: Option<&str>,
+    ) -> Result<PasswordTry, AuthError> {
+        let reserved = match self.reserve_try(guard).await? {
+            Ok(reserved) => reserved,
+            Err(retry_after) => {
+                let _ = self.hasher.verify(password, None).await?;
+                return Ok(PasswordTry::Locked(retry_after));
+            }
+        };
+        match self.hasher.verify(password, stored_hash).await {
+            Ok(verified) if verified.matches && stored_hash.is_some() => {
+                self.try_succeeded(guard).await;
+                Ok(PasswordTry::Right { needs_rehash: verified.needs_rehash })
+            }
+            Ok(_) => Ok(PasswordTry::Wrong { locked_for: self.try_failed(guard, reserved).await }),
+            Err(error) => {
+                // Not checked (bcrypt queue full): still counted as a failure.
+                self.try_failed(guard, reserved).await;
+                Err(error.into())
+            }
+        }
     }
 
     /// A new session with its tokens, once every factor is proven.
@@ -161,7 +210,8 @@ impl Auth {
     /// The address throttles: failures from this IP across accounts, and from this (IP,
     /// device) in a short window. `Err` is how long to wait.
     async fn count_client_failure(&self, client: &ClientInfo) -> Result<Vec<Counted>, std::time::Duration> {
-        let Some(ip) = client.ip else { return Ok(Vec::new()) };
+        // Without an address, one shared bucket: leaving it out must not escape the limits.
+        let ip = ip_part(client.ip);
         let device = if client.fingerprint.trim().is_empty() {
             format!("ua:{}", client.user_agent.trim())
         } else {
@@ -195,10 +245,12 @@ impl Auth {
         user: Option<&UserRecord>,
         client: &ClientInfo,
     ) -> Result<Guard, AuthError> {
+        let device = device_key(client);
         let Some(user) = user else {
+            // The same query as for an account, so the two paths cost the same.
+            let _ = self.store.is_known_device(Uuid::nil(), &device).await?;
             return Ok(Guard::unknown_identifier(identifier_key, self.login.account_lockout));
         };
-        let device = device_key(client);
         if self.store.is_known_device(user.id, &device).await? {
             Ok(Guard::known_device(user.id, &device, self.login.known_device_lockout))
         } else {
@@ -226,11 +278,10 @@ impl Auth {
     fn on_lockout(
         self: &Arc<Self>,
         user_id: Option<Uuid>,
-        guard: &Guard,
         locked_for: std::time::Duration,
         client: &ClientInfo,
     ) {
-        tracing::warn!(user_id = ?user_id, scope = guard.key.scope, ?locked_for, "login guard locked");
+        tracing::warn!(user_id = ?user_id, ?locked_for, "account locked after failed logins");
         let Some(user_id) = user_id else { return };
         let client = client.clone();
         self.in_background("lockout alert", move |auth| async move {

@@ -88,6 +88,8 @@ pub struct Principal {
     pub user_id: Uuid,
     pub session_id: Uuid,
     pub roles: Vec<String>,
+    /// How the caller's session was authenticated (RFC 8176 method references).
+    pub amr: Vec<String>,
 }
 
 /// An access token with the instant it expires.

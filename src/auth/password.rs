@@ -125,9 +125,7 @@ impl Auth {
         }
         let user = self.store.find_user(principal.user_id).await?.ok_or(AuthError::NotFound("account"))?;
         let password = self.new_password("new_password", new_password, &[&user.username, &user.email])?;
-        if !self.hasher.verify(current, Some(&user.password_hash)).await?.matches {
-            return Err(AuthError::invalid("current_password", "current_password is incorrect"));
-        }
+        self.check_own_password(&user, current, "current_password").await?;
         if password.expose() == current {
             return Err(AuthError::invalid("new_password", "new_password must differ from the current one"));
         }
@@ -186,7 +184,8 @@ impl Auth {
     }
 
     /// Kills every mailed link that could take the account over (pending resets and email
-    /// changes): after a password reset or change, only the new password holds the keys.
+    /// changes) and every open MFA challenge (a login begun with the old password must
+    /// not complete): after a password reset or change, only the new password holds the keys.
     pub(crate) async fn kill_account_links(
         &self,
         tx: &mut Box<dyn StoreTx>,
@@ -195,6 +194,7 @@ impl Auth {
     ) -> Result<(), AuthError> {
         tx.invalidate_tokens(user, TokenPurpose::ResetPassword, now).await?;
         tx.invalidate_tokens(user, TokenPurpose::ChangeEmail, now).await?;
+        tx.close_mfa_challenges(user, now).await?;
         Ok(())
     }
 

@@ -23,6 +23,8 @@ pub struct ValidToken {
     pub roles: Vec<String>,
     pub expires_at: OffsetDateTime,
     pub email_verified: bool,
+    /// How the session was authenticated (RFC 8176: `pwd`, `otp`).
+    pub amr: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -65,6 +67,7 @@ impl Auth {
             roles: claims.roles,
             expires_at,
             email_verified: claims.email_verified,
+            amr: claims.amr,
         }))
     }
 
@@ -72,9 +75,12 @@ impl Auth {
     pub async fn authenticate(&self, bearer: Option<&str>) -> Result<Principal, AuthError> {
         let token = bearer.ok_or(AuthError::Unauthenticated(BearerProblem::Missing))?;
         match self.validate_token(token, &[]).await? {
-            TokenCheck::Valid(valid) => {
-                Ok(Principal { user_id: valid.user_id, session_id: valid.session_id, roles: valid.roles })
-            }
+            TokenCheck::Valid(valid) => Ok(Principal {
+                user_id: valid.user_id,
+                session_id: valid.session_id,
+                roles: valid.roles,
+                amr: valid.amr,
+            }),
             TokenCheck::Invalid(InvalidReason::Token(rejection)) => {
                 Err(AuthError::Unauthenticated(BearerProblem::Rejected(rejection)))
             }

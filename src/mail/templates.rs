@@ -237,6 +237,24 @@ impl Templates {
         mail.finish(format!("Sign-ins to your {product} account were paused"), product)
     }
 
+    /// Sent when a recovery code stands in for the authenticator app.
+    pub fn recovery_code_used(&self, name: &str, remaining: u32) -> Rendered {
+        let product = &self.product_name;
+        let mut mail = Body::new(name);
+        mail.paragraph(&format!(
+            "A recovery code was just used to sign in to your {product} account. {remaining} \
+             unused recovery code{} left.",
+            if remaining == 1 { " is" } else { "s are" }
+        ));
+        mail.paragraph(
+            "If this wasn't you, someone has your password and one of your recovery codes: \
+             reset your password now, then turn your authenticator app off and on again, which \
+             issues new recovery codes.",
+        );
+        mail.link(&format!("Open {product}"), &self.frontend_base_url);
+        mail.finish(format!("A recovery code was used for your {product} account"), product)
+    }
+
     /// The second step of a login with the emailed code switched on.
     pub fn login_code(&self, name: &str, code: &str, valid_for: Duration, activity: &Activity) -> Rendered {
         let product = &self.product_name;

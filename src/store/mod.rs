@@ -349,11 +349,12 @@ pub trait StoreTx: Send {
         now: OffsetDateTime,
     ) -> Result<DeviceSighting, StoreError>;
 
-    /// Stores a challenge, first consuming the user's other live challenges of the same
-    /// method: only the newest code works. In the transaction that queues its mail, so a
+    /// Stores a challenge, first consuming the user's other live challenges (of any
+    /// method): only the newest works. In the transaction that queues its mail, so a
     /// challenge never exists without its code on the way (nor a code without its challenge).
     async fn create_mfa_challenge(&mut self, challenge: &NewMfaChallenge) -> Result<(), StoreError>;
 
+    /// Switches the emailed login code; closes the user's live challenges.
     async fn set_email_otp(
         &mut self,
         user_id: Uuid,
@@ -373,8 +374,8 @@ pub trait StoreTx: Send {
     /// Enables TOTP with the pending secret, only if it is still `secret` (compare-and-swap:
     /// a `begin` that replaced it meanwhile wins, and the app's code was for the old one).
     /// The pending secret becomes the secret, `step` (the confirming code's) the last used
-    /// one, and the recovery codes are replaced by `recovery_hashes`. Returns whether it
-    /// enabled.
+    /// one, the recovery codes are replaced by `recovery_hashes`, and live challenges close.
+    /// Returns whether it enabled.
     async fn activate_totp(
         &mut self,
         user_id: Uuid,
@@ -385,9 +386,12 @@ pub trait StoreTx: Send {
     ) -> Result<bool, StoreError>;
 
     /// Disables TOTP: drops the secret, any pending one, the last step and the recovery
-    /// codes, and consumes the user's live TOTP challenges (they could no longer be
-    /// answered but by a recovery code that no longer exists).
+    /// codes, and consumes the user's live challenges.
     async fn disable_totp(&mut self, user_id: Uuid, now: OffsetDateTime) -> Result<(), StoreError>;
+
+    /// Ends every live MFA challenge of the user (the password, the address or the second
+    /// factors changed: a challenge opened before must not complete after).
+    async fn close_mfa_challenges(&mut self, user_id: Uuid, now: OffsetDateTime) -> Result<(), StoreError>;
 
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }
@@ -848,6 +852,8 @@ pub enum RevokeReason {
     AccountDeleted,
     /// The owner followed "this wasn't me" from a new-device alert.
     LoginDisowned,
+    /// A second factor was switched on: sessions opened without it end.
+    SecondFactorEnabled,
 }
 
 impl RevokeReason {
@@ -860,6 +866,7 @@ impl RevokeReason {
             RevokeReason::PasswordChanged => "password_changed",
             RevokeReason::AccountDeleted => "account_deleted",
             RevokeReason::LoginDisowned => "login_disowned",
+            RevokeReason::SecondFactorEnabled => "second_factor_enabled",
         }
     }
 }

@@ -1086,8 +1086,7 @@ impl StoreTx for SqliteTx {
     }
 
     async fn create_mfa_challenge(&mut self, challenge: &NewMfaChallenge) -> Result<(), StoreError> {
-        consume_mfa_challenges(&mut self.tx, challenge.user_id, Some(challenge.method), challenge.created_at)
-            .await?;
+        consume_mfa_challenges(&mut self.tx, challenge.user_id, None, challenge.created_at).await?;
         sqlx::query(
             "INSERT INTO mfa_challenges (id, token_hash, user_id, method, code_hash, created_at, expires_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -1116,6 +1115,7 @@ impl StoreTx for SqliteTx {
             .bind(micros(now))
             .execute(&mut *self.tx)
             .await?;
+        consume_mfa_challenges(&mut self.tx, user_id, None, now).await?;
         Ok(())
     }
 
@@ -1157,6 +1157,7 @@ impl StoreTx for SqliteTx {
         if activated.rows_affected() == 0 {
             return Ok(false);
         }
+        consume_mfa_challenges(&mut self.tx, user_id, None, now).await?;
         sqlx::query("DELETE FROM recovery_codes WHERE user_id = $1")
             .bind(user_id)
             .execute(&mut *self.tx)
@@ -1190,7 +1191,12 @@ impl StoreTx for SqliteTx {
             .bind(user_id)
             .execute(&mut *self.tx)
             .await?;
-        consume_mfa_challenges(&mut self.tx, user_id, Some(MfaMethod::Totp), now).await?;
+        consume_mfa_challenges(&mut self.tx, user_id, None, now).await?;
+        Ok(())
+    }
+
+    async fn close_mfa_challenges(&mut self, user_id: Uuid, now: OffsetDateTime) -> Result<(), StoreError> {
+        consume_mfa_challenges(&mut self.tx, user_id, None, now).await?;
         Ok(())
     }
 

@@ -28,6 +28,8 @@ on_both_backends!(
     a_client_failing_fast_is_throttled,
     registrations_are_limited_per_ip,
     reset_and_verification_mails_are_limited_per_account_and_ip,
+    a_stolen_access_token_is_not_a_password_oracle,
+    one_ipv6_network_is_one_address,
 );
 
 const ATTACKER_IP: &str = "198.51.100.66";
@@ -209,6 +211,8 @@ async fn the_owners_known_device_keeps_its_own_budget(backend: Backend) {
     login_as(&app, "edda", PASSWORD, ctx(OWNER_IP, "owner-laptop"))
         .await
         .expect("known device is not locked out");
+    // The owner's success does not lift the lock the attacker ran up.
+    retry_after(&attack(&app, "edda").await, "TOO_MANY_ATTEMPTS");
 
     // That device's own budget is smaller, and spent only by failures from it.
     for _ in 0..2 {
@@ -460,4 +464,50 @@ async fn redis_outage_keeps_lockouts_and_falls_back_for_limits() {
     register(&app, "quinn2", "192.0.2.9").await.expect("fallback limiter: second");
     retry_after(&register(&app, "quinn3", "192.0.2.9").await.unwrap_err(), "RATE_LIMITED");
     proxy.restore();
+}
+
+async fn a_stolen_access_token_is_not_a_password_oracle(backend: Backend) {
+    let Some(app) = spawn_app_with(backend, |s| s.login.account_lockout = lockout(3, 60_000)).await else {
+        return;
+    };
+    let (access, _, _) = app.user_session("rosa").await;
+    let mut passwords = pb::password_service_client::PasswordServiceClient::new(app.channel());
+    let change = |current: &str| {
+        crate::harness::bearer(
+            pb::ChangePasswordRequest {
+                current_password: current.into(),
+                new_password: "another fine passphrase".into(),
+                client: None,
+            },
+            &access,
+        )
+    };
+    for _ in 0..3 {
+        let status = passwords.change_password(change("guess guess guess")).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    }
+    // The account's budget is spent: no more guesses, not even the right one.
+    let status = passwords.change_password(change(PASSWORD)).await.unwrap_err();
+    retry_after(&status, "TOO_MANY_ATTEMPTS");
+}
+
+async fn one_ipv6_network_is_one_address(backend: Backend) {
+    let Some(app) = spawn_app_with(backend, |s| {
+        s.login.ip_block = RateLimit::new(3, Duration::from_secs(60), Duration::from_secs(60));
+    })
+    .await
+    else {
+        return;
+    };
+    // Rotating addresses within one /64 (what one client holds) is one address.
+    for i in 1..=3 {
+        let ip = format!("2001:db8:aa:bb::{i:x}");
+        let status =
+            login_as(&app, &format!("acct-{i}"), "wrong", ctx(&ip, &format!("fp{i}"))).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated);
+    }
+    let blocked = login_as(&app, "acct-9", "wrong", ctx("2001:db8:aa:bb:ffff::9", "fp9")).await.unwrap_err();
+    retry_after(&blocked, "TOO_MANY_ATTEMPTS");
+    let elsewhere = login_as(&app, "acct-9", "wrong", ctx("2001:db8:aa:cc::1", "fp9")).await.unwrap_err();
+    assert_eq!(elsewhere.code(), Code::Unauthenticated, "another /64 is another client");
 }

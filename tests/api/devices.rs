@@ -15,6 +15,8 @@ on_both_backends!(
     a_new_device_is_announced_and_known_ones_are_not,
     this_wasnt_me_ends_every_session_and_starts_a_reset,
     a_replayed_refresh_token_is_reported_to_the_owner,
+    a_flood_of_new_devices_does_not_flood_the_mailbox,
+    a_lockout_is_announced_to_the_owner_once,
 );
 
 async fn login_from(app: &TestApp, who: &str, fingerprint: &str) -> pb::AuthenticatedSession {
@@ -110,4 +112,51 @@ async fn a_replayed_refresh_token_is_reported_to_the_owner(backend: Backend) {
         "names the session's device: {}",
         notice.text
     );
+}
+
+async fn a_flood_of_new_devices_does_not_flood_the_mailbox(backend: Backend) {
+    let Some((app, sink)) = spawn_app_with_mail(backend, |s| {
+        s.limits.new_device_alerts_per_account =
+            portcullis::config::RateLimit::new(2, Duration::from_secs(3600), Duration::ZERO);
+    })
+    .await
+    else {
+        return;
+    };
+    let email = verified_user(&app, &sink, "quin").await; // verification + welcome
+    app.login("quin").await; // the first device: no alert
+    for i in 0..5 {
+        login_from(&app, "quin", &format!("fp-new-{i}")).await;
+    }
+    // Two alerts, then silence: the devices are still remembered, only not announced.
+    let mails = mails_to(&sink, &email, 4).await;
+    assert!(mails[2..].iter().all(|m| m.subject.contains("New sign-in")));
+    no_more_mail(&sink, &email, 4).await;
+}
+
+async fn a_lockout_is_announced_to_the_owner_once(backend: Backend) {
+    let Some((app, sink)) = spawn_app_with_mail(backend, |s| {
+        s.login.account_lockout = portcullis::config::Lockout {
+            max_failures: 3,
+            window: Duration::from_secs(60),
+            lockout: Duration::from_secs(600),
+            max_lockout: Duration::from_secs(600),
+        };
+    })
+    .await
+    else {
+        return;
+    };
+    let email = verified_user(&app, &sink, "rhea").await; // verification + welcome
+    for _ in 0..6 {
+        app.try_login("rhea", "not my password at all").await.unwrap_err();
+    }
+    let alert = mails_to(&sink, &email, 3).await.remove(2);
+    assert!(alert.subject.contains("paused"), "{}", alert.subject);
+    for shown in ["203.0.113.7", "Firefox", "10 minutes"] {
+        assert!(alert.text.contains(shown), "{shown} in:\n{}", alert.text);
+    }
+    assert!(!alert.text.contains("not my password"), "the tried password is never mailed");
+    // Tries while locked send nothing more.
+    no_more_mail(&sink, &email, 3).await;
 }

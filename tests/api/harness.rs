@@ -106,6 +106,7 @@ pub fn relax_defences(settings: &mut Settings) {
         &mut limits.resend_verification_per_ip,
         &mut limits.verify_mfa_per_challenge,
         &mut limits.new_device_alerts_per_account,
+        &mut limits.login_codes_per_account,
     ] {
         *limit = generous;
     }

@@ -14,8 +14,8 @@ use tonic::Code;
 use crate::{
     email::{forgot, link_token, mails_to, reset, verified_user},
     harness::{
-        Backend, FIREFOX, PASSWORD, TestApp, bearer, error_reason, spawn_app_with_mail, spawn_with_settings,
-        test_settings,
+        Backend, FIREFOX, PASSWORD, TestApp, bearer, error_reason, reason, spawn_app_with_mail,
+        spawn_with_settings, test_settings,
     },
     on_both_backends, support,
 };
@@ -27,6 +27,8 @@ on_both_backends!(
     a_password_reset_keeps_the_second_factor,
     totp_enrolment_login_replay_and_recovery_codes,
     each_challenge_is_rate_limited,
+    a_password_change_or_new_factor_closes_open_challenges,
+    a_pending_enrolment_cannot_be_guessed,
 );
 
 const TOTP_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/totp.py");
@@ -206,13 +208,14 @@ async fn wrong_codes_spend_the_accounts_budget_not_the_challenges(backend: Backe
         ["MFA_CHALLENGE_INVALID", "TOO_MANY_ATTEMPTS"].contains(&error_reason(&refused).as_str()),
         "{refused:?}"
     );
-    let third = challenge(&app, "bea").await;
-    let third_code = mailed_code(&sink, &email, 3).await;
-    let refused = verify(&app, &third, &third_code).await.unwrap_err();
+    // Logging in again gets no new code (and mails none) until the lockout ends.
+    let refused = login(&app, "bea", PASSWORD).await.unwrap_err();
     assert_eq!(
         (refused.code(), error_reason(&refused).as_str()),
         (Code::ResourceExhausted, "TOO_MANY_ATTEMPTS")
     );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    mailed_code(&sink, &email, 2).await;
 }
 
 async fn an_expired_code_is_refused(backend: Backend) {
@@ -244,12 +247,20 @@ async fn a_password_reset_keeps_the_second_factor(backend: Backend) {
     );
 }
 
-/// The current TOTP code, as an authenticator app computes it.
-fn totp_now(secret: &str, offset_steps: i64) -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
-    let at = now + offset_steps * 30;
-    let output =
-        Command::new("python3").arg(TOTP_SCRIPT).arg(secret).arg(at.to_string()).output().expect("python3");
+/// The current TOTP time step.
+fn step_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() / 30
+}
+
+/// The TOTP code of `step`, as an authenticator app computes it.
+fn totp_at(secret: &str, step: u64) -> String {
+    let output = Command::new("python3")
+        .arg(TOTP_SCRIPT)
+        .arg("--step")
+        .arg(step.to_string())
+        .arg(secret)
+        .output()
+        .expect("python3");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     String::from_utf8(output.stdout).unwrap().trim().to_string()
 }
@@ -287,9 +298,15 @@ async fn totp_enrolment_login_replay_and_recovery_codes(backend: Backend) {
         enrollment.otpauth_uri
     );
     assert!(enrollment.otpauth_uri.contains(&format!("secret={}", enrollment.secret)));
-    // Not on until confirmed.
-    assert!(matches!(challenge_or_tokens(&app, "edie").await, pb::login_response::Outcome::Authenticated(_)));
+    // Not on until confirmed: a bare password still opens (another) session.
+    let pb::login_response::Outcome::Authenticated(other) = challenge_or_tokens(&app, "edie").await else {
+        panic!("no second factor yet")
+    };
+    let other_access = other.tokens.unwrap().access_token;
 
+    // Steps are fixed now, so a step boundary during the test cannot change the codes
+    // (each stays within the ±1 step the server accepts while the test runs).
+    let step = step_now();
     let bad = accounts
         .confirm_totp_enrollment(bearer(pb::ConfirmTotpEnrollmentRequest { code: "000000".into() }, &access))
         .await
@@ -297,7 +314,7 @@ async fn totp_enrolment_login_replay_and_recovery_codes(backend: Backend) {
     assert_eq!(bad.code(), Code::InvalidArgument);
     let confirmed = accounts
         .confirm_totp_enrollment(bearer(
-            pb::ConfirmTotpEnrollmentRequest { code: totp_now(&enrollment.secret, 0) },
+            pb::ConfirmTotpEnrollmentRequest { code: totp_at(&enrollment.secret, step) },
             &access,
         ))
         .await
@@ -305,15 +322,20 @@ async fn totp_enrolment_login_replay_and_recovery_codes(backend: Backend) {
         .into_inner();
     assert_eq!(confirmed.recovery_codes.len(), 10);
     assert_eq!(confirmed.mfa.unwrap().recovery_codes_remaining, 10);
+    // Turning it on ended the sessions opened without it, except the caller's own.
+    assert_eq!(reason(&app.validate(&other_access).await), pb::TokenInvalidReason::SessionRevoked);
+    assert!(app.validate(&access).await.valid);
 
     // The code used to confirm cannot log in (same step): the next step's code does.
     let challenge = challenge(&app, "edie").await;
     assert_eq!(challenge.method, pb::MfaMethod::Totp as i32);
-    let replayed = verify(&app, &challenge, &totp_now(&enrollment.secret, 0)).await.unwrap_err();
+    let replayed = verify(&app, &challenge, &totp_at(&enrollment.secret, step)).await.unwrap_err();
     assert_eq!(error_reason(&replayed), "INVALID_MFA_CODE", "a code works once");
-    let next = totp_now(&enrollment.secret, 1);
+    let next = totp_at(&enrollment.secret, step + 1);
     let session = verify(&app, &challenge, &next).await.expect("the next step's code (skew 1)");
-    assert_eq!(amr(&session.tokens.unwrap().access_token), serde_json::json!(["pwd", "otp"]));
+    let mfa_access = session.tokens.unwrap().access_token;
+    assert_eq!(amr(&mfa_access), serde_json::json!(["pwd", "otp"]));
+    assert_eq!(app.validate(&mfa_access).await.amr, ["pwd", "otp"], "ValidateToken tells callers");
     let challenge = self::challenge(&app, "edie").await;
     assert_eq!(error_reason(&verify(&app, &challenge, &next).await.unwrap_err()), "INVALID_MFA_CODE");
 
@@ -325,9 +347,18 @@ async fn totp_enrolment_login_replay_and_recovery_codes(backend: Backend) {
     let status = accounts.get_account(bearer(pb::GetAccountRequest {}, &access)).await.unwrap().into_inner();
     assert_eq!(status.mfa.unwrap().recovery_codes_remaining, 9);
 
+    // Removing the factor takes a session opened with it, not only the password.
+    let refused = accounts
+        .disable_totp(bearer(pb::DisableTotpRequest { current_password: PASSWORD.into() }, &access))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (refused.code(), error_reason(&refused).as_str()),
+        (Code::FailedPrecondition, "SECOND_FACTOR_REQUIRED")
+    );
     // Off again with the password: a bare password logs in.
     let off = accounts
-        .disable_totp(bearer(pb::DisableTotpRequest { current_password: PASSWORD.into() }, &access))
+        .disable_totp(bearer(pb::DisableTotpRequest { current_password: PASSWORD.into() }, &mfa_access))
         .await
         .expect("disable")
         .into_inner();
@@ -390,4 +421,90 @@ async fn codes_are_not_checked_while_redis_is_down() {
         }
     }
     assert!(done.is_some(), "the same code works once Redis is back (it was never checked)");
+}
+
+async fn a_password_change_or_new_factor_closes_open_challenges(backend: Backend) {
+    let Some((app, sink)) = spawn_app_with_mail(backend, |_| {}).await else { return };
+    let email = verified_user(&app, &sink, "hedy").await;
+    let pwd_only = access_token(&app, "hedy").await;
+    enable_email_otp(&app, "hedy").await;
+
+    // A login begun with the old password does not complete after a password reset.
+    let pending = challenge(&app, "hedy").await;
+    let code = mailed_code(&sink, &email, 1).await;
+    forgot(&app, "hedy").await;
+    let reset_mail = mails_to(&sink, &email, 4).await.pop().unwrap(); // verify, welcome, code, reset
+    reset(&app, &link_token(&reset_mail, "/reset-password"), "a brand new passphrase").await.expect("reset");
+    assert_eq!(error_reason(&verify(&app, &pending, &code).await.unwrap_err()), "MFA_CHALLENGE_INVALID");
+
+    // Switching to TOTP closes an open email challenge.
+    let pending = match login(&app, "hedy", "a brand new passphrase").await.unwrap() {
+        pb::login_response::Outcome::MfaRequired(c) => c,
+        other => panic!("{other:?}"),
+    };
+    let code = mailed_code(&sink, &email, 2).await;
+    let session = verify(&app, &pending, &code).await.expect("right code");
+    let mfa_access = session.tokens.unwrap().access_token;
+    let pending = match login(&app, "hedy", "a brand new passphrase").await.unwrap() {
+        pb::login_response::Outcome::MfaRequired(c) => c,
+        other => panic!("{other:?}"),
+    };
+    let code = mailed_code(&sink, &email, 3).await;
+    let mut accounts = account(&app);
+    let begin = |access: &str| {
+        bearer(pb::BeginTotpEnrollmentRequest { current_password: "a brand new passphrase".into() }, access)
+    };
+    // (The password-only session from before ended with the reset; a fresh password-only
+    // session is refused anyway: see the TOTP test.)
+    assert_eq!(
+        accounts.begin_totp_enrollment(begin(&pwd_only)).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    let enrollment = accounts.begin_totp_enrollment(begin(&mfa_access)).await.expect("begin").into_inner();
+    let confirm = pb::ConfirmTotpEnrollmentRequest { code: totp_at(&enrollment.secret, step_now()) };
+    accounts.confirm_totp_enrollment(bearer(confirm, &mfa_access)).await.expect("confirm");
+    assert_eq!(error_reason(&verify(&app, &pending, &code).await.unwrap_err()), "MFA_CHALLENGE_INVALID");
+}
+
+async fn a_pending_enrolment_cannot_be_guessed(backend: Backend) {
+    let Some((app, sink)) = spawn_app_with_mail(backend, |s| {
+        s.mfa.code_lockout = Lockout {
+            max_failures: 3,
+            window: Duration::from_secs(600),
+            lockout: Duration::from_secs(600),
+            max_lockout: Duration::from_secs(600),
+        };
+    })
+    .await
+    else {
+        return;
+    };
+    verified_user(&app, &sink, "ivy").await;
+    let access = access_token(&app, "ivy").await;
+    let mut accounts = account(&app);
+    let enrollment = accounts
+        .begin_totp_enrollment(bearer(
+            pb::BeginTotpEnrollmentRequest { current_password: PASSWORD.into() },
+            &access,
+        ))
+        .await
+        .expect("begin")
+        .into_inner();
+    let right = totp_at(&enrollment.secret, step_now());
+    let wrong = if right == "000000" { "000001" } else { "000000" };
+    for _ in 0..3 {
+        let status = accounts
+            .confirm_totp_enrollment(bearer(pb::ConfirmTotpEnrollmentRequest { code: wrong.into() }, &access))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+    }
+    let refused = accounts
+        .confirm_totp_enrollment(bearer(pb::ConfirmTotpEnrollmentRequest { code: right }, &access))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (refused.code(), error_reason(&refused).as_str()),
+        (Code::ResourceExhausted, "TOO_MANY_ATTEMPTS")
+    );
 }
