@@ -120,7 +120,7 @@ conformance!(
     delete_user_deletes_guards_and_second_factors,
     mfa_challenge_create_find_expire_consume,
     concurrent_challenge_consumers_spend_once,
-    newer_challenge_kills_older_of_the_same_method,
+    newer_challenge_kills_the_users_older_ones,
     activate_totp_is_compare_and_swap,
     advance_totp_step_is_monotonic_and_once,
     recovery_codes_are_single_use,
@@ -2048,7 +2048,9 @@ mod cases {
 
         create_challenge(&store, &challenge).await;
         assert_eq!(find_challenge(&store, &challenge, t).await, Some(found(&challenge)));
-        let totp = new_challenge(owner.id, MfaMethod::Totp, t);
+        // Another user's challenge, to see it untouched.
+        let bystander = user(&store, "bystanding").await;
+        let totp = new_challenge(bystander.id, MfaMethod::Totp, t);
         create_challenge(&store, &totp).await;
         assert_eq!(find_challenge(&store, &totp, t).await, Some(found(&totp)));
         assert_eq!(found(&totp).code_hash, None);
@@ -2090,33 +2092,45 @@ mod cases {
         assert_eq!(consumed, 1);
     }
 
-    pub async fn newer_challenge_kills_older_of_the_same_method(store: DynStore) {
+    pub async fn newer_challenge_kills_the_users_older_ones(store: DynStore) {
         let owner = user(&store, "newest").await;
         let other = user(&store, "bystander").await;
         let t = now();
         let older_email = new_challenge(owner.id, MfaMethod::EmailOtp, t);
-        let totp = new_challenge(owner.id, MfaMethod::Totp, t);
         let others = new_challenge(other.id, MfaMethod::EmailOtp, t);
-        for challenge in [&older_email, &totp, &others] {
+        for challenge in [&older_email, &others] {
             create_challenge(&store, challenge).await;
         }
-        let newer_email = new_challenge(owner.id, MfaMethod::EmailOtp, t + Duration::seconds(1));
-        create_challenge(&store, &newer_email).await;
-
+        // A newer challenge, of any method, leaves only itself.
+        let totp = new_challenge(owner.id, MfaMethod::Totp, t + Duration::seconds(1));
+        create_challenge(&store, &totp).await;
         let later = t + Duration::seconds(2);
         assert_eq!(find_challenge(&store, &older_email, later).await, None);
         assert!(!store.consume_mfa_challenge(older_email.id, later).await.unwrap());
-        for live in [&newer_email, &totp, &others] {
+        for live in [&totp, &others] {
             assert!(find_challenge(&store, live, later).await.is_some());
         }
 
-        // A used-up budget kills all of the user's live challenges, whatever their method.
-        assert_eq!(store.consume_mfa_challenges_of(owner.id, later).await.unwrap(), 2);
-        for dead in [&newer_email, &totp] {
-            assert_eq!(find_challenge(&store, dead, later).await, None);
-        }
+        // A used-up budget kills all of the user's live challenges.
+        assert_eq!(store.consume_mfa_challenges_of(owner.id, later).await.unwrap(), 1);
+        assert_eq!(find_challenge(&store, &totp, later).await, None);
         assert!(find_challenge(&store, &others, later).await.is_some());
         assert_eq!(store.consume_mfa_challenges_of(owner.id, later).await.unwrap(), 0);
+
+        // So do a password change (close_mfa_challenges) and switching the email code.
+        for close in 0..2 {
+            let live = new_challenge(owner.id, MfaMethod::EmailOtp, later);
+            create_challenge(&store, &live).await;
+            let mut tx = store.begin().await.unwrap();
+            if close == 0 {
+                tx.close_mfa_challenges(owner.id, later).await.unwrap();
+            } else {
+                tx.set_email_otp(owner.id, false, later).await.unwrap();
+            }
+            tx.commit().await.unwrap();
+            assert_eq!(find_challenge(&store, &live, later).await, None, "closed by way {close}");
+        }
+        assert!(find_challenge(&store, &others, later).await.is_some());
     }
 
     pub async fn activate_totp_is_compare_and_swap(store: DynStore) {
@@ -2273,9 +2287,8 @@ mod cases {
         enable_totp(&store, owner.id, &codes, t).await;
         enable_totp(&store, other.id, &codes, t).await;
         let totp = new_challenge(owner.id, MfaMethod::Totp, t);
-        let email = new_challenge(owner.id, MfaMethod::EmailOtp, t);
         let others = new_challenge(other.id, MfaMethod::Totp, t);
-        for challenge in [&totp, &email, &others] {
+        for challenge in [&totp, &others] {
             create_challenge(&store, challenge).await;
         }
         let mut tx = store.begin().await.unwrap();
@@ -2301,8 +2314,6 @@ mod cases {
         assert!(!store.consume_recovery_code(owner.id, &codes[0], t).await.unwrap());
         assert!(!store.advance_totp_step(owner.id, 5000).await.unwrap());
         assert_eq!(find_challenge(&store, &totp, t).await, None);
-        // The emailed code's challenge is not TOTP's: it stays.
-        assert!(find_challenge(&store, &email, t).await.is_some());
 
         // The other account keeps everything.
         assert!(store.find_user(other.id).await.unwrap().unwrap().totp_enabled);

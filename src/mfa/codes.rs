@@ -5,14 +5,11 @@
 //! secret ([`OtpKey`]) and bound to its challenge, so a leaked row is useless without the
 //! secret and cannot be replayed against another challenge.
 //!
-//! Recovery codes are random enough (ten characters of a 31-letter alphabet, about 49.5
-//! bits) to be stored as plain SHA-256, as refresh tokens are.
+//! Recovery codes (ten characters of a 31-letter alphabet, about 49.5 bits) are stored the
+//! same way, keyed and bound to their account: a bare SHA-256 of 49.5 bits could be
+//! brute-forced from a stolen database in about a GPU-day.
 
-use aws_lc_rs::{
-    constant_time::verify_slices_are_equal,
-    digest::{SHA256, digest},
-    hmac,
-};
+use aws_lc_rs::{constant_time::verify_slices_are_equal, hmac};
 
 /// Digits in an emailed login code.
 pub const EMAIL_CODE_DIGITS: usize = 6;
@@ -26,7 +23,7 @@ pub struct OtpKey(hmac::Key);
 
 impl OtpKey {
     /// The key for `label` (a purpose and version, e.g. "portcullis email otp v1"):
-    /// HMAC-SHA-256(server_secret, label), so each purpose gets its own key.
+    /// derived from the server secret with HKDF, so each purpose gets its own key.
     pub fn derive(server_secret: &[u8], label: &str) -> OtpKey {
         OtpKey(hmac::Key::new(hmac::HMAC_SHA256, &derive_key(server_secret, label)))
     }
@@ -57,10 +54,18 @@ impl std::fmt::Debug for OtpKey {
     }
 }
 
-/// HMAC-SHA-256(server_secret, label): 32 bytes of key for one purpose.
+/// 32 bytes of key for one purpose: HKDF-SHA-256 (RFC 5869) of the server secret, with a
+/// fixed salt and the purpose's label as info. Not a bare HMAC(secret, label): the password
+/// pre-hash is HMAC(secret, password), and a password equal to a label must not be a key.
 pub(super) fn derive_key(server_secret: &[u8], label: &str) -> [u8; 32] {
-    let key = hmac::Key::new(hmac::HMAC_SHA256, server_secret);
-    hmac::sign(&key, label.as_bytes()).as_ref().try_into().expect("HMAC-SHA-256 is 32 bytes")
+    let salt = aws_lc_rs::hkdf::Salt::new(aws_lc_rs::hkdf::HKDF_SHA256, b"portcullis key derivation v1");
+    let info = [label.as_bytes()];
+    let mut key = [0u8; 32];
+    salt.extract(server_secret)
+        .expand(&info, aws_lc_rs::hkdf::HKDF_SHA256)
+        .and_then(|okm| okm.fill(&mut key))
+        .expect("32 bytes is a valid HKDF-SHA-256 output length");
+    key
 }
 
 /// A new login code: six digits, each of the 10^6 equally likely.
@@ -111,11 +116,6 @@ pub fn normalize_recovery_code(input: &str) -> Option<String> {
     let valid =
         normalized.len() == RECOVERY_CODE_LEN && normalized.bytes().all(|b| RECOVERY_ALPHABET.contains(&b));
     valid.then_some(normalized)
-}
-
-/// What to store for a normalized recovery code.
-pub fn hash_recovery_code(normalized: &str) -> Vec<u8> {
-    digest(&SHA256, normalized.as_bytes()).as_ref().to_vec()
 }
 
 #[cfg(test)]
@@ -193,7 +193,6 @@ mod tests {
             assert_eq!(normalize_recovery_code(&code.to_uppercase()).as_deref(), Some(&*normalized));
             let spaced = format!(" {} {} ", &normalized[..5], &normalized[5..]);
             assert_eq!(normalize_recovery_code(&spaced).as_deref(), Some(&*normalized));
-            assert_eq!(hash_recovery_code(&normalized).len(), 32);
         }
         assert!(generate_recovery_codes(0).is_empty());
     }
@@ -218,6 +217,5 @@ mod tests {
             assert_eq!(normalize_recovery_code(input), None, "{input:?}");
         }
         assert_eq!(normalize_recovery_code("ABCDE-FGHJK").as_deref(), Some("abcdefghjk"));
-        assert_ne!(hash_recovery_code("abcdefghjk"), hash_recovery_code("abcdefghjm"));
     }
 }

@@ -11,8 +11,9 @@
 //! - A TOTP code is good for its whole time step (and the skew around it):
 //!   [`totp::verify`] returns the step it matched, and the caller refuses a step not after
 //!   the last one used, so each code works once.
-//! - Recovery codes stand in for a lost authenticator; they are random enough to be stored
-//!   as plain SHA-256, and each works once (the store spends it).
+//! - Recovery codes stand in for a lost authenticator. At ~49.5 bits a bare hash could be
+//!   brute-forced from a stolen database, so the caller stores them as an [`OtpKey`] HMAC
+//!   bound to the account; each works once (the store spends it).
 //!
 //! In NIST SP 800-63B terms, TOTP is a single-factor OTP device authenticator; the emailed
 //! code is not an authenticator at all (email is not an acceptable out-of-band channel), only
@@ -22,8 +23,6 @@ pub mod codes;
 pub mod seal;
 pub mod totp;
 
-pub use codes::{
-    OtpKey, generate_email_code, generate_recovery_codes, hash_recovery_code, normalize_recovery_code,
-};
+pub use codes::{OtpKey, generate_email_code, generate_recovery_codes, normalize_recovery_code};
 pub use seal::{SealError, SecretSealer};
 pub use totp::{TotpSecret, TotpSecretError};

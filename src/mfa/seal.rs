@@ -30,7 +30,7 @@ pub enum SealError {
 
 impl SecretSealer {
     /// The sealer for `label` (a purpose and version, e.g. "portcullis totp secret v1"):
-    /// its key is HMAC-SHA-256(server_secret, label), as for [`super::OtpKey`].
+    /// its key is derived from the server secret with HKDF, as for [`super::OtpKey`].
     pub fn derive(server_secret: &[u8], label: &str) -> SecretSealer {
         let key = UnboundKey::new(&AES_256_GCM, &derive_key(server_secret, label))
             .expect("AES-256-GCM takes a 32-byte key");
