@@ -231,6 +231,11 @@ pub struct DatabaseSettings {
 pub struct RedisSettings {
     /// Prefix of every key, so deployments (and test runs) can share one Redis.
     pub key_prefix: String,
+    /// With Redis unreachable, how long this replica's copy of the revocations may still
+    /// answer ValidateToken after it was last known complete; after that, checks fail
+    /// closed (UNAVAILABLE).
+    #[serde(with = "humantime_serde")]
+    pub revocation_max_staleness: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -251,6 +256,9 @@ pub struct TokenSettings {
     pub generate_algorithm: SigningAlgorithm,
     /// Algorithms accepted on verification; `none` and HMAC never are.
     pub allowed_algorithms: Vec<SigningAlgorithm>,
+    /// Verified tokens whose claims are kept in memory (keyed by the whole token's
+    /// SHA-256, dropped at expiry): a repeated token skips signature verification. 0: off.
+    pub verified_cache_capacity: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -360,7 +368,7 @@ impl Default for DatabaseSettings {
 
 impl Default for RedisSettings {
     fn default() -> Self {
-        RedisSettings { key_prefix: "portcullis:".into() }
+        RedisSettings { key_prefix: "portcullis:".into(), revocation_max_staleness: Duration::from_secs(5) }
     }
 }
 
@@ -379,6 +387,7 @@ impl Default for TokenSettings {
                 SigningAlgorithm::ES256,
                 SigningAlgorithm::EdDSA,
             ],
+            verified_cache_capacity: 16_384,
         }
     }
 }

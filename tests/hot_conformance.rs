@@ -836,3 +836,109 @@ async fn run_proxy(listener: tokio::net::TcpListener, upstream: String) {
         });
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The revocation mirror (Redis with the pub/sub feed): checks answered in process.
+
+async fn mirrored(factory: &RedisFactory) -> RedisHotState {
+    let hot = RedisHotState::connect(&factory.url, factory.prefix.clone())
+        .await
+        .unwrap()
+        .with_revocation_feed(Duration::from_secs(5));
+    wait_until(Duration::from_secs(5), || hot.revocations_mirrored()).await;
+    hot
+}
+
+async fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < timeout, "condition not met within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    start.elapsed()
+}
+
+/// Another replica's revocation reaches the mirror through the channel, and checks then
+/// cost no Redis round trip at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_mirror_follows_revocations_without_round_trips() {
+    let Some(factory) = redis_factory("redis_mirror_follows_revocations_without_round_trips") else {
+        return;
+    };
+    let replica = mirrored(&factory).await;
+    let other = factory.make().await;
+    let (revoked, live) = (Uuid::now_v7(), Uuid::now_v7());
+    other.revoke_session(revoked, LONG_TTL).await.unwrap();
+    let mut seen = false;
+    for _ in 0..500 {
+        if replica.is_session_revoked(revoked).await.unwrap() {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(seen, "the revocation reached the other replica within a second");
+    let before = replica.revocation_checks_sent();
+    for _ in 0..1000 {
+        assert!(replica.is_session_revoked(revoked).await.unwrap());
+        assert!(!replica.is_session_revoked(live).await.unwrap());
+    }
+    if replica.revocations_mirrored() {
+        assert_eq!(replica.revocation_checks_sent(), before, "no round trip while the mirror is up");
+    }
+    // Its own revocations are in the mirror at once.
+    let own = Uuid::now_v7();
+    replica.revoke_session(own, LONG_TTL).await.unwrap();
+    assert!(replica.is_session_revoked(own).await.unwrap());
+}
+
+/// Revocations made before the replica started are copied in by the resync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_mirror_resyncs_earlier_revocations() {
+    let Some(factory) = redis_factory("redis_mirror_resyncs_earlier_revocations") else {
+        return;
+    };
+    let other = factory.make().await;
+    let earlier: Vec<Uuid> = (0..1500).map(|_| Uuid::now_v7()).collect();
+    for id in &earlier {
+        other.revoke_session(*id, LONG_TTL).await.unwrap();
+    }
+    let replica = mirrored(&factory).await;
+    for id in &earlier {
+        assert!(replica.is_session_revoked(*id).await.unwrap());
+    }
+    assert!(!replica.is_session_revoked(Uuid::now_v7()).await.unwrap());
+}
+
+/// `CLIENT KILL TYPE pubsub` cuts the feed: the replica stops trusting its copy, asks Redis
+/// on each check (so a revocation made meanwhile is seen), then resubscribes and resyncs.
+/// (Kills every subscriber on that Redis: nextest runs it alone, see .config/nextest.toml.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_mirror_client_kill_falls_back_then_resyncs() {
+    let Some(factory) = redis_factory("redis_mirror_client_kill_falls_back_then_resyncs") else {
+        return;
+    };
+    let replica = mirrored(&factory).await;
+    let other = factory.make().await;
+    let client = redis::Client::open(factory.url.as_str()).unwrap();
+    let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+    let killed: i64 =
+        redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query_async(&mut admin).await.unwrap();
+    assert!(killed >= 1, "the feed's subscription was killed");
+    let noticed = wait_until(Duration::from_secs(2), || !replica.revocations_mirrored()).await;
+    eprintln!("subscription loss noticed after {noticed:?}");
+
+    // Revoked while the feed is down: the message is lost to this replica, the check is not.
+    let during = Uuid::now_v7();
+    other.revoke_session(during, LONG_TTL).await.unwrap();
+    let sent = replica.revocation_checks_sent();
+    if !replica.revocations_mirrored() {
+        assert!(replica.is_session_revoked(during).await.unwrap(), "asked Redis while the feed was down");
+        assert!(replica.revocation_checks_sent() > sent, "that check went to Redis");
+    }
+    // Back, resynced: answered in process again, including what was missed.
+    wait_until(Duration::from_secs(5), || replica.revocations_mirrored()).await;
+    let sent = replica.revocation_checks_sent();
+    assert!(replica.is_session_revoked(during).await.unwrap());
+    assert_eq!(replica.revocation_checks_sent(), sent);
+}

@@ -41,7 +41,7 @@ impl Auth {
         token: &str,
         required_roles: &[String],
     ) -> Result<TokenCheck, AuthError> {
-        let claims = match self.tokens.verify(token) {
+        let claims = match self.tokens.verify_cached(token) {
             Ok(claims) => claims,
             Err(rejection) => return Ok(TokenCheck::Invalid(InvalidReason::Token(rejection))),
         };
@@ -64,10 +64,10 @@ impl Auth {
         Ok(TokenCheck::Valid(ValidToken {
             user_id,
             session_id,
-            roles: claims.roles,
+            roles: claims.roles.clone(),
             expires_at,
             email_verified: claims.email_verified,
-            amr: claims.amr,
+            amr: claims.amr.clone(),
         }))
     }
 

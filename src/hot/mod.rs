@@ -5,6 +5,7 @@
 //! and is re-published from it (see `auth::revocation`).
 
 mod memory;
+mod mirror;
 mod redis;
 
 use std::{sync::Arc, time::Duration};

@@ -36,7 +36,10 @@
 //! never a hang. Once connected, the [`ConnectionManager`] reconnects by itself; a command
 //! sent while Redis is down fails with [`HotError::Unavailable`].
 
-use std::{sync::LazyLock, time::Duration};
+use std::{
+    sync::{Arc, LazyLock},
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use redis::{
@@ -45,7 +48,10 @@ use redis::{
 };
 use uuid::Uuid;
 
-use super::{HotError, HotState, Limit, LimitDecision, debug_assert_limit_key};
+use super::{
+    HotError, HotState, Limit, LimitDecision, debug_assert_limit_key,
+    mirror::{self, Mirror},
+};
 
 /// Timeout of one attempt to open a TCP connection (and handshake) to Redis.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
@@ -192,6 +198,9 @@ impl LimitScript {
 pub struct RedisHotState {
     conn: ConnectionManager,
     key_prefix: String,
+    client: Client,
+    /// This replica's copy of the revocations, when the feed runs (see [`super::mirror`]).
+    mirror: Option<Arc<Mirror>>,
 }
 
 impl std::fmt::Debug for RedisHotState {
@@ -215,8 +224,8 @@ impl RedisHotState {
             .set_min_delay(RETRY_MIN_DELAY)
             .set_max_delay(RETRY_MAX_DELAY);
         let connect = async {
-            let conn = ConnectionManager::new_with_config(client, config).await?;
-            let this = Self { conn, key_prefix };
+            let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
+            let this = Self { conn, key_prefix, client, mirror: None };
             this.ping_raw().await?;
             Ok::<_, RedisError>(this)
         };
@@ -232,6 +241,40 @@ impl RedisHotState {
     /// The prefix every key of this instance starts with.
     pub fn key_prefix(&self) -> &str {
         &self.key_prefix
+    }
+
+    /// Keeps a copy of every revocation in this process, fed by pub/sub, so checks need no
+    /// round trip while the feed is up (see [`super::mirror`]). With Redis unreachable the
+    /// copy answers for at most `max_staleness` after it was last known complete.
+    pub fn with_revocation_feed(mut self, max_staleness: Duration) -> Self {
+        let mirror = Arc::new(Mirror::new(max_staleness));
+        tokio::spawn(mirror::run_feed(
+            self.client.clone(),
+            self.conn.clone(),
+            self.key_prefix.clone(),
+            Arc::downgrade(&mirror),
+        ));
+        self.mirror = Some(mirror);
+        self
+    }
+
+    /// Whether revocation checks are answered in process right now (feed up and resynced).
+    pub fn revocations_mirrored(&self) -> bool {
+        self.mirror.as_ref().is_some_and(|m| m.is_synced())
+    }
+
+    /// Revocation checks that went to Redis (none while the mirror is trusted).
+    pub fn revocation_checks_sent(&self) -> u64 {
+        self.mirror.as_ref().map_or(0, |m| m.checks_sent.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    async fn exists_in_redis(&self, session_id: Uuid) -> Result<bool, RedisError> {
+        let mut conn = self.conn.clone();
+        let count: u64 = redis::cmd("EXISTS")
+            .arg(revoked_key(&self.key_prefix, session_id))
+            .query_async(&mut conn)
+            .await?;
+        Ok(count > 0)
     }
 
     async fn ping_raw(&self) -> Result<(), RedisError> {
@@ -280,24 +323,44 @@ impl HotState for RedisHotState {
 
     async fn revoke_session(&self, session_id: Uuid, ttl: Duration) -> Result<(), HotError> {
         let mut conn = self.conn.clone();
-        redis::cmd("SET")
+        let ttl_ms = ttl_millis(ttl);
+        // The key (for replicas that resync, and for checks while a feed is down) and the
+        // message (for every replica's mirror), in one round trip.
+        redis::pipe()
+            .cmd("SET")
             .arg(revoked_key(&self.key_prefix, session_id))
             .arg(1)
             .arg("PX")
-            .arg(ttl_millis(ttl))
+            .arg(ttl_ms)
+            .ignore()
+            .cmd("PUBLISH")
+            .arg(format!("{}revocations", self.key_prefix))
+            .arg(mirror::message(session_id, ttl_ms))
+            .ignore()
             .exec_async(&mut conn)
             .await
-            .map_err(HotError::Unavailable)
+            .map_err(HotError::Unavailable)?;
+        if let Some(mirror) = &self.mirror {
+            mirror.note(session_id, ttl).await;
+        }
+        Ok(())
     }
 
     async fn is_session_revoked(&self, session_id: Uuid) -> Result<bool, HotError> {
-        let mut conn = self.conn.clone();
-        let count: u64 = redis::cmd("EXISTS")
-            .arg(revoked_key(&self.key_prefix, session_id))
-            .query_async(&mut conn)
-            .await
-            .map_err(HotError::Unavailable)?;
-        Ok(count > 0)
+        let Some(mirror) = &self.mirror else {
+            return self.exists_in_redis(session_id).await.map_err(HotError::Unavailable);
+        };
+        if mirror.is_synced() {
+            return mirror.revoked.is_session_revoked(session_id).await;
+        }
+        // The feed is down: ask Redis until it is back and resynced; with Redis down too,
+        // the copy answers within its staleness bound, then the check fails closed.
+        mirror.checks_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match self.exists_in_redis(session_id).await {
+            Ok(revoked) => Ok(revoked || mirror.revoked.is_session_revoked(session_id).await?),
+            Err(_) if mirror.within_staleness() => mirror.revoked.is_session_revoked(session_id).await,
+            Err(error) => Err(HotError::Unavailable(error)),
+        }
     }
 
     async fn limit_hit(&self, key: &str, limit: Limit, member: &str) -> Result<LimitDecision, HotError> {

@@ -64,7 +64,8 @@ async fn connect_hot(settings: &Settings) -> anyhow::Result<DynHotState> {
         Some(url) => Arc::new(
             RedisHotState::connect(url, settings.redis.key_prefix.clone())
                 .await
-                .context("cannot connect to Redis")?,
+                .context("cannot connect to Redis")?
+                .with_revocation_feed(settings.redis.revocation_max_staleness),
         ),
         None => Arc::new(MemoryHotState::new()),
     })

@@ -63,6 +63,8 @@ pub struct AccessTokens {
     ttl: Duration,
     /// One prepared validation per allowed algorithm.
     validations: HashMap<SigningAlgorithm, Validation>,
+    /// Claims of tokens verified before (see [`super::verified`]).
+    verified: super::verified::VerifiedCache,
 }
 
 const REQUIRED_CLAIMS: &[&str] = &["exp", "nbf", "iat", "iss", "aud", "sub"];
@@ -92,6 +94,7 @@ impl AccessTokens {
             audience: settings.audience.clone(),
             ttl: settings.access_ttl,
             validations,
+            verified: super::verified::VerifiedCache::new(settings.verified_cache_capacity),
         })
     }
 
@@ -152,6 +155,19 @@ impl AccessTokens {
             _ => TokenRejection::Malformed,
         })?;
         Ok(data.claims)
+    }
+
+    /// [`Self::verify`], answered from the verified-claims cache when this exact token was
+    /// verified before and has not expired: the hot path of ValidateToken.
+    pub fn verify_cached(&self, token: &str) -> Result<std::sync::Arc<AccessClaims>, TokenRejection> {
+        let key = super::verified::VerifiedCache::key(token);
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        if let Some(claims) = self.verified.get(&key, now) {
+            return Ok(claims);
+        }
+        let claims = std::sync::Arc::new(self.verify(token)?);
+        self.verified.insert(key, claims.clone(), now);
+        Ok(claims)
     }
 
     /// Signs a token once and verifies it: proves at start-up that the configured keys,

@@ -6,6 +6,7 @@ pub mod keys;
 pub mod one_time;
 pub mod opaque;
 pub mod refresh;
+mod verified;
 
 pub use access::{AccessClaims, AccessTokens, TokenRejection};
 pub use keys::{KeySet, SigningAlgorithm};

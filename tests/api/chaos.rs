@@ -25,6 +25,7 @@ async fn redis_outage_fails_closed_and_recovery_keeps_revocations() {
     let proxy = support::TcpProxy::start(&support::redis_host_port(&redis_url)).await;
     settings.redis_url = Some(format!("redis://{}", proxy.addr()));
     settings.sessions.revocation_resync_interval = Duration::from_millis(300);
+    settings.redis.revocation_max_staleness = Duration::from_millis(400);
     let prefix = settings.redis.key_prefix.clone();
     let app = spawn_with_settings(settings, Arc::new(data)).await;
 
@@ -33,14 +34,31 @@ async fn redis_outage_fails_closed_and_recovery_keeps_revocations() {
     app.logout(&gone).await.unwrap();
     assert_eq!(reason(&app.validate(&gone).await), TokenInvalidReason::SessionRevoked);
 
-    // Redis unreachable: ValidateToken cannot know about revocations, so it fails closed,
-    // and health says NOT_SERVING.
+    // Redis unreachable: for `revocation_max_staleness` this replica answers from its copy
+    // of the revocations (the revoked session stays revoked), then ValidateToken cannot know
+    // about revocations any more and fails closed; health says NOT_SERVING.
     proxy.cut();
+    let cut_at = std::time::Instant::now();
+    let during = app.validate(&gone).await;
+    if cut_at.elapsed() < Duration::from_millis(400) {
+        assert_eq!(reason(&during), TokenInvalidReason::SessionRevoked, "the copy still knows");
+    }
     let mut client = app.auth.clone();
-    let status = client
-        .validate_token(pb::ValidateTokenRequest { token: kept.clone(), required_roles: vec![] })
-        .await
-        .unwrap_err();
+    let mut failed_closed = None;
+    for _ in 0..100 {
+        match client
+            .validate_token(pb::ValidateTokenRequest { token: kept.clone(), required_roles: vec![] })
+            .await
+        {
+            Err(status) => {
+                failed_closed = Some(status);
+                break;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let status = failed_closed.expect("fails closed once the staleness bound has passed");
+    assert!(cut_at.elapsed() >= Duration::from_millis(400), "not before the bound: {:?}", cut_at.elapsed());
     assert_eq!(status.code(), tonic::Code::Unavailable);
     assert_eq!(error_reason(&status), "UNAVAILABLE");
     assert!(
@@ -88,4 +106,52 @@ impl TestApp {
             .await
             .is_ok_and(|r| r.into_inner().valid)
     }
+}
+
+/// Two replicas sharing PostgreSQL and Redis: a logout on one is refused by the other, which
+/// learns it through pub/sub (no Redis round trip per check); with its subscription killed
+/// (`CLIENT KILL TYPE pubsub`), the other asks Redis on each check until it has resubscribed
+/// and resynced, so the logout is refused all the same. (Runs alone: see .config/nextest.toml.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_cross_replicas_and_survive_a_client_kill() {
+    let Some((settings, data)) = test_settings(Backend::Postgres).await else { return };
+    let redis_url = settings.redis_url.clone().unwrap();
+    let data = Arc::new(data);
+    let one = spawn_with_settings(settings.clone(), data.clone()).await;
+    let two = spawn_with_settings(settings, data).await;
+
+    // Steady state: every logout on one is refused by two within the hard bound.
+    one.register("cara").await;
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        let access = one.login("cara").await.tokens.unwrap().access_token;
+        assert!(two.validate(&access).await.valid);
+        one.logout(&access).await.unwrap();
+        let start = std::time::Instant::now();
+        assert!(
+            eventually(Duration::from_secs(1), || async {
+                reason(&two.validate(&access).await) == TokenInvalidReason::SessionRevoked
+            })
+            .await,
+            "the other replica refuses the logged-out token within a second"
+        );
+        slowest = slowest.max(start.elapsed());
+    }
+    eprintln!("slowest cross-replica revocation seen after {slowest:?}");
+
+    // The subscription killed: the next logout is still refused by the other replica.
+    let access = one.login("cara").await.tokens.unwrap().access_token;
+    assert!(two.validate(&access).await.valid);
+    let mut admin = redis::Client::open(redis_url).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let killed: i64 =
+        redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query_async(&mut admin).await.unwrap();
+    assert!(killed >= 2, "both replicas' subscriptions were cut ({killed})");
+    one.logout(&access).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            reason(&two.validate(&access).await) == TokenInvalidReason::SessionRevoked
+        })
+        .await,
+        "refused while the feed is down or once it has resynced"
+    );
 }

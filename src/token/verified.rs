@@ -1,0 +1,155 @@
+//! A bounded in-process cache of verified access-token claims, so a token seen before costs
+//! a hash and a map lookup instead of a signature verification.
+//!
+//! - Keyed by the SHA-256 of the WHOLE token (header, claims and signature): a forged token
+//!   differs from a genuine one somewhere, so it has another key and can never hit the
+//!   genuine entry (short of a SHA-256 collision); the token itself is not kept.
+//! - An entry answers only while `now < exp` (stricter than verification's leeway), so it
+//!   never outlives its token; expired entries are dropped when met and when a full shard
+//!   needs room.
+//! - Bounded: `capacity` entries over [`SHARDS`] shards (each its own lock, so concurrent
+//!   validations rarely wait on each other); a full shard drops its expired entries, then
+//!   an arbitrary one. About 200 bytes an entry, so the default 16 384 is ~3 MiB.
+//! - Revocation is NOT cached here: the caller checks it on every call.
+
+use std::{
+    collections::HashMap,
+    hash::{BuildHasherDefault, Hasher},
+    sync::{Arc, Mutex},
+};
+
+use aws_lc_rs::digest::{SHA256, digest};
+
+use super::AccessClaims;
+
+const SHARDS: usize = 16;
+
+type Key = [u8; 32];
+type Shard = Mutex<HashMap<Key, Arc<AccessClaims>, BuildHasherDefault<KeyHasher>>>;
+
+pub(super) struct VerifiedCache {
+    shards: Vec<Shard>,
+    per_shard: usize,
+}
+
+impl VerifiedCache {
+    /// A cache of about `capacity` entries; 0 disables it.
+    pub(super) fn new(capacity: usize) -> VerifiedCache {
+        let per_shard = capacity.div_ceil(SHARDS);
+        let shards = (0..if capacity == 0 { 0 } else { SHARDS }).map(|_| Mutex::default()).collect();
+        VerifiedCache { shards, per_shard }
+    }
+
+    pub(super) fn key(token: &str) -> Key {
+        digest(&SHA256, token.as_bytes()).as_ref().try_into().expect("SHA-256 is 32 bytes")
+    }
+
+    /// The claims of a token verified before, if it has not expired since.
+    pub(super) fn get(&self, key: &Key, now_unix: i64) -> Option<Arc<AccessClaims>> {
+        let mut shard = self.shard(key)?.lock().unwrap_or_else(|p| p.into_inner());
+        match shard.get(key) {
+            Some(claims) if now_unix < claims.exp => Some(claims.clone()),
+            Some(_) => {
+                shard.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    pub(super) fn insert(&self, key: Key, claims: Arc<AccessClaims>, now_unix: i64) {
+        if now_unix >= claims.exp {
+            return;
+        }
+        let Some(shard) = self.shard(&key) else { return };
+        let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+        if shard.len() >= self.per_shard && !shard.contains_key(&key) {
+            shard.retain(|_, c| now_unix < c.exp);
+            if shard.len() >= self.per_shard
+                && let Some(victim) = shard.keys().next().copied()
+            {
+                shard.remove(&victim);
+            }
+        }
+        shard.insert(key, claims);
+    }
+
+    /// Entries held (for tests).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len()).sum()
+    }
+
+    fn shard(&self, key: &Key) -> Option<&Shard> {
+        if self.shards.is_empty() {
+            return None;
+        }
+        // The key is a SHA-256: any of its bytes are uniform.
+        Some(&self.shards[usize::from(key[31]) % SHARDS])
+    }
+}
+
+/// The keys are SHA-256 digests, uniform already: their first eight bytes are the hash.
+#[derive(Default)]
+pub(super) struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // `[u8; 32]` hashes as its 32 bytes (arrays write their elements as one slice).
+        if let Some(first) = bytes.get(..8) {
+            self.0 = u64::from_le_bytes(first.try_into().expect("8 bytes"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(exp: i64, sub: &str) -> Arc<AccessClaims> {
+        Arc::new(AccessClaims {
+            iss: "i".into(),
+            aud: "a".into(),
+            sub: sub.into(),
+            sid: "s".into(),
+            iat: 0,
+            nbf: 0,
+            exp,
+            jti: "j".into(),
+            roles: vec![],
+            amr: vec![],
+            email_verified: false,
+        })
+    }
+
+    #[test]
+    fn hits_only_the_same_token_until_it_expires() {
+        let cache = VerifiedCache::new(64);
+        let genuine = "header.claims.signature";
+        cache.insert(VerifiedCache::key(genuine), claims(100, "alice"), 10);
+        assert_eq!(cache.get(&VerifiedCache::key(genuine), 99).unwrap().sub, "alice");
+        // Same header and claims, another signature: another key.
+        assert!(cache.get(&VerifiedCache::key("header.claims.signaturf"), 50).is_none());
+        assert!(cache.get(&VerifiedCache::key(genuine), 100).is_none(), "not at exp");
+        assert_eq!(cache.len(), 0, "the expired entry was dropped");
+        cache.insert(VerifiedCache::key("expired"), claims(5, "late"), 10);
+        assert_eq!(cache.len(), 0, "never stores an expired token");
+    }
+
+    #[test]
+    fn stays_bounded() {
+        let cache = VerifiedCache::new(160);
+        for i in 0..10_000 {
+            cache.insert(VerifiedCache::key(&format!("token-{i}")), claims(1_000, "u"), 0);
+        }
+        assert!(cache.len() <= 160, "{}", cache.len());
+        assert!(cache.len() >= 150, "a full shard evicts one, not all: {}", cache.len());
+        let disabled = VerifiedCache::new(0);
+        disabled.insert(VerifiedCache::key("t"), claims(1_000, "u"), 0);
+        assert_eq!(disabled.len(), 0);
+    }
+}
