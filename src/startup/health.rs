@@ -15,6 +15,7 @@ const SERVICES: &[&str] = &[
     "portcullis.v1.SessionService",
     "portcullis.v1.PasswordService",
     "portcullis.v1.AccountService",
+    crate::api::ext_authz::SERVICE_NAME,
 ];
 
 pub async fn report_all(reporter: &HealthReporter, status: ServingStatus) {

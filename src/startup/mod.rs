@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tonic::transport::{Server, server::TcpIncoming};
 
 use crate::{
-    api::{AccountApi, ApiContext, AuthApi, PasswordApi, SessionApi, pb},
+    api::{AccountApi, ApiContext, AuthApi, ExtAuthzApi, PasswordApi, SessionApi, pb},
     auth::{ActivityRecorder, Auth, AuthParts},
     config::Settings,
     hot::{DynHotState, MemoryHotState, RedisHotState},
@@ -206,7 +206,9 @@ impl Application {
             .add_service(pb::password_service_server::PasswordServiceServer::new(PasswordApi::new(
                 ctx.clone(),
             )))
-            .add_service(pb::account_service_server::AccountServiceServer::new(AccountApi::new(ctx)))
+            .add_service(pb::account_service_server::AccountServiceServer::new(AccountApi::new(ctx.clone())))
+            // Envoy/Istio ext_authz. Not in reflection: envoy-types ships no descriptor set.
+            .add_service(envoy_types::ext_authz::v3::pb::AuthorizationServer::new(ExtAuthzApi::new(ctx)))
             .serve_with_incoming_shutdown(incoming, async {
                 _ = stop_accepting.await;
             });

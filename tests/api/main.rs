@@ -12,10 +12,13 @@ mod concurrency;
 mod defence;
 mod devices;
 mod email;
+mod envoy;
 mod geo;
 mod history;
 mod login;
 mod mfa;
+#[cfg(feature = "client")]
+mod middleware;
 mod operations;
 mod refresh;
 mod register;

@@ -24,7 +24,12 @@ on_both_backends!(
 async fn health_reports_every_service(backend: Backend) {
     let Some(app) = spawn_app(backend).await else { return };
     let mut health = HealthClient::new(app.channel());
-    for service in ["", "portcullis.v1.AuthService", "portcullis.v1.SessionService"] {
+    for service in [
+        "",
+        "portcullis.v1.AuthService",
+        "portcullis.v1.SessionService",
+        "envoy.service.auth.v3.Authorization",
+    ] {
         let status =
             health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner().status;
         assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
