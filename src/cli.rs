@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 
 use crate::{
     config::Settings,
-    startup::{self, Application},
+    startup::{self, Application, ValidatorApp},
     telemetry,
     token::{KeySet, SigningAlgorithm, keys::generate_key_file},
 };
@@ -25,7 +25,12 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve gRPC (the default).
-    Serve,
+    Serve {
+        /// `server`: everything (the default). `validator`: the sidecar — ValidateToken,
+        /// ext_authz Check, GetJwks and health, no database (see `[validator]`).
+        #[arg(long, value_enum, default_value_t = Mode::Server)]
+        mode: Mode,
+    },
     /// Apply database migrations and exit.
     Migrate,
     /// Signing keys.
@@ -34,6 +39,12 @@ pub enum Command {
     /// Configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    Server,
+    Validator,
 }
 
 #[derive(Debug, Subcommand)]
@@ -49,6 +60,8 @@ pub enum KeysCommand {
     },
     /// List the keys in the keys directory and which one signs.
     List,
+    /// Print the public keys as a JWK Set (for validators with `validator.jwks_file`).
+    Jwks,
 }
 
 #[derive(Debug, Subcommand)]
@@ -60,9 +73,13 @@ pub enum ConfigCommand {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::load(cli.config.as_deref())?;
     telemetry::init(&settings.log);
-    match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => {
+    match cli.command.unwrap_or(Command::Serve { mode: Mode::Server }) {
+        Command::Serve { mode: Mode::Server } => {
             let app = Application::build(settings).await?;
+            app.run(startup::shutdown_signal()).await
+        }
+        Command::Serve { mode: Mode::Validator } => {
+            let app = ValidatorApp::build(settings).await?;
             app.run(startup::shutdown_signal()).await
         }
         Command::Migrate => {
@@ -85,6 +102,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 let role = if key.kid == keys.signer().kid { "signs+verifies" } else { "verifies" };
                 println!("{} {} {} {}", key.kid, key.algorithm, role, key.path.display());
             }
+            Ok(())
+        }
+        Command::Keys(KeysCommand::Jwks) => {
+            let keys = KeySet::load_dir(&settings.keys_dir(), settings.tokens.signing_kid.as_deref())?;
+            println!("{}", keys.jwks().to_json());
             Ok(())
         }
         Command::Config(ConfigCommand::Check) => {

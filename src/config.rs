@@ -35,6 +35,7 @@ pub struct Settings {
     pub login: LoginSettings,
     pub limits: LimitSettings,
     pub mfa: MfaSettings,
+    pub validator: ValidatorSettings,
     pub mail: MailSettings,
     pub tracking: TrackingSettings,
     pub log: LogSettings,
@@ -116,6 +117,35 @@ pub struct RateLimit {
 impl RateLimit {
     pub const fn new(limit: u32, window: Duration, block: Duration) -> RateLimit {
         RateLimit { limit, window, block }
+    }
+}
+
+/// `portcullis serve --mode validator` (the sidecar): ValidateToken, ext_authz Check, JWKS
+/// and health only, no database; public keys from `jwks_file` or from the central instance
+/// at `central_url`, revocations followed through Redis.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ValidatorSettings {
+    /// A JWK Set file with the public keys (e.g. saved from GetJwks).
+    pub jwks_file: Option<PathBuf>,
+    /// The central Portcullis (gRPC, `http://host:50051`) whose GetJwks gives the keys.
+    pub central_url: Option<String>,
+    /// How often the key set is fetched again (also at once, at most every
+    /// `jwks_min_refresh`, when a token names an unknown `kid`).
+    #[serde(with = "humantime_serde")]
+    pub jwks_refresh: Duration,
+    #[serde(with = "humantime_serde")]
+    pub jwks_min_refresh: Duration,
+}
+
+impl Default for ValidatorSettings {
+    fn default() -> Self {
+        ValidatorSettings {
+            jwks_file: None,
+            central_url: None,
+            jwks_refresh: Duration::from_secs(300),
+            jwks_min_refresh: Duration::from_secs(10),
+        }
     }
 }
 
@@ -211,6 +241,10 @@ pub struct ServerSettings {
     /// A call still running after this is cancelled: nothing waits forever on a dependency.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// The ops HTTP server (`/healthz`, `/.well-known/jwks.json`): on by default.
+    pub ops_enabled: bool,
+    /// Its address (port 0: any free port).
+    pub ops_listen: SocketAddr,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -335,6 +369,7 @@ impl Default for Settings {
             login: LoginSettings::default(),
             limits: LimitSettings::default(),
             mfa: MfaSettings::default(),
+            validator: ValidatorSettings::default(),
             mail: MailSettings::default(),
             tracking: TrackingSettings::default(),
             log: LogSettings::default(),
@@ -351,6 +386,8 @@ impl Default for ServerSettings {
             trusted_proxies: Vec::new(),
             health_check_interval: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
+            ops_enabled: true,
+            ops_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
         }
     }
 }

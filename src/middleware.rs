@@ -47,6 +47,8 @@ pub struct Identity {
 }
 
 const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(1);
+/// Deadline of one ValidateToken call.
+const VALIDATE_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_CACHE_CAPACITY: usize = 4096;
 
 /// Checks every request's bearer token with Portcullis. Cheap to clone.
@@ -163,13 +165,16 @@ impl Shared {
         if let Some(identity) = self.cached(&key) {
             return Ok(identity);
         }
+        let mut request = tonic::Request::new(pb::ValidateTokenRequest {
+            token: token.to_string(),
+            required_roles: self.required_roles.clone(),
+        });
+        // A hung Portcullis must not hang every request behind this layer.
+        request.set_timeout(VALIDATE_TIMEOUT);
         let answer = self
             .client
             .clone()
-            .validate_token(pb::ValidateTokenRequest {
-                token: token.to_string(),
-                required_roles: self.required_roles.clone(),
-            })
+            .validate_token(request)
             .await
             .map_err(|status| {
                 tracing::warn!(error = %status, "Portcullis ValidateToken failed: refusing the request");
@@ -220,8 +225,10 @@ impl Shared {
         if cache.len() >= self.cache_capacity {
             let now = Instant::now();
             cache.retain(|_, (_, until)| now < *until);
-            if cache.len() >= self.cache_capacity {
-                cache.clear();
+            if cache.len() >= self.cache_capacity
+                && let Some(victim) = cache.keys().next().copied()
+            {
+                cache.remove(&victim);
             }
         }
         cache.insert(key, (identity.clone(), until));

@@ -106,8 +106,11 @@ fn a_fresh_directory_serves_register_login_validate_through_grpcurl() {
     for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("PORTCULLIS_")) {
         command.env_remove(key);
     }
-    // The only setting: a free port instead of 50051, so tests never collide.
+    // The only settings: free ports instead of 50051 and 9090, so tests never collide.
     command.env("PORTCULLIS_SERVER__LISTEN", &addr);
+    let ops_port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let ops_addr = format!("127.0.0.1:{ops_port}");
+    command.env("PORTCULLIS_SERVER__OPS_LISTEN", &ops_addr);
     let mut server = Server(command.spawn().expect("portcullis starts"));
     let grpcurl = Grpcurl { bin, addr: addr.clone() };
 
@@ -164,6 +167,13 @@ fn a_fresh_directory_serves_register_login_validate_through_grpcurl() {
     );
     assert_eq!(validated["valid"], true);
     assert_eq!(validated["userId"], registered["user"]["id"]);
+
+    // The README's GetJwks and curl examples: one key, the same document both ways.
+    let jwks = grpcurl.call("portcullis.v1.AuthService/GetJwks", "{}", &[]);
+    assert_eq!(jwks["keys"].as_array().unwrap().len(), 1, "{jwks}");
+    let response = http_get(&ops_addr, "/.well-known/jwks.json");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.ends_with(&format!("\r\n\r\n{}", jwks["jwksJson"].as_str().unwrap())), "{response}");
 
     let auth_header = format!("authorization: Bearer {access}");
     let sessions = grpcurl.call("portcullis.v1.SessionService/ListSessions", "{}", &[&auth_header]);
@@ -274,4 +284,103 @@ fn keys_generate_and_list_and_migrate() {
         portcullis(dir.path(), &["migrate"], &[("PORTCULLIS_DATABASE_URL", "sqlite://m/portcullis.db")]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(dir.path().join("m/portcullis.db").exists());
+}
+
+/// `portcullis-bench` with tiny windows against a server of its own: every scenario runs,
+/// answers calls, and lands in the table and in the JSON.
+#[test]
+fn bench_runs_every_scenario_against_its_own_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let json_path = dir.path().join("bench.json");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_portcullis-bench"));
+    command.current_dir(dir.path()).args([
+        "--server-bin",
+        env!("CARGO_BIN_EXE_portcullis"),
+        "--duration",
+        "300ms",
+        "--warmup",
+        "100ms",
+        "--bcrypt-cost",
+        "4",
+        "--concurrency",
+        "8",
+        "--connections",
+        "2",
+        "--login-concurrency",
+        "2",
+        "--refresh-concurrency",
+        "2",
+        "--storm-logins",
+        "8",
+        "--rotation-tokens",
+        "200",
+        "--cold-tokens",
+        "200",
+        "--revoked-sessions",
+        "2",
+        "--tokens-per-revoked-session",
+        "3",
+        "--json",
+    ]);
+    command.arg(&json_path);
+    for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("PORTCULLIS_")) {
+        command.env_remove(key);
+    }
+    let started = Instant::now();
+    let out = command.output().expect("portcullis-bench runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "bench failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(started.elapsed() < Duration::from_secs(60), "the smoke run took {:?}", started.elapsed());
+
+    let scenarios = [
+        ("health", "Health/Check"),
+        ("validate-hot", "ValidateToken hot"),
+        ("validate-rotating", "ValidateToken rotating"),
+        ("validate-cold", "ValidateToken cold"),
+        ("validate-revoked", "ValidateToken revoked"),
+        ("refresh", "Refresh"),
+        ("login", "Login"),
+        ("storm", "ValidateToken storm"),
+    ];
+    // A table line per scenario: its name, then the count of calls answered.
+    let count_after = |name: &str| -> u64 {
+        let line = stdout
+            .lines()
+            .find(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with("  ")))
+            .unwrap_or_else(|| panic!("no line for {name}:\n{stdout}"));
+        line[name.len()..].split_whitespace().next().unwrap().parse().unwrap()
+    };
+    for (_, name) in scenarios {
+        assert!(count_after(name) > 0, "{name} answered nothing:\n{stdout}");
+    }
+    for alg in ["EdDSA", "ES256", "RS256"] {
+        assert!(count_after(&format!("verify {alg}")) > 0, "no in-process figures for {alg}:\n{stdout}");
+    }
+    for line in ["cores", "Health CPU/request", "login storm:", "cheapest to verify here:", "peak RSS"] {
+        assert!(stdout.contains(line), "{line:?} missing:\n{stdout}");
+    }
+
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    let rows = json["scenarios"].as_array().expect("scenarios");
+    for (key, name) in scenarios {
+        let row = rows.iter().find(|r| r["key"] == key).unwrap_or_else(|| panic!("{key} not in the JSON"));
+        assert_eq!(row["name"], name);
+        assert!(row["requests"].as_u64().unwrap() > 0, "{key}: {row}");
+        assert_eq!(row["errors"], 0, "{key}: {row}");
+        assert!(row["latency"]["p99_us"].as_u64().is_some(), "{key}: {row}");
+        assert!(row["server_cpu_us_per_request"].as_f64().is_some(), "{key}: {row}");
+    }
+    assert_eq!(json["in_process"].as_array().unwrap().len(), 3);
+    assert!(json["server_peak_rss_kib"].as_u64().unwrap() > 0);
+    assert!(json["login_storm"]["p99_ratio"].as_f64().is_some());
+}
+
+/// A plain HTTP/1.1 GET on the ops port: the raw response.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the ops port");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
 }

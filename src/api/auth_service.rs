@@ -127,9 +127,35 @@ impl AuthService for AuthApi {
         let check = self.ctx.auth.validate_token(&r.token, &r.required_roles).await.map_err(to_status)?;
         Ok(Response::new(validation_response(check)))
     }
+
+    async fn get_jwks(
+        &self,
+        _request: Request<pb::GetJwksRequest>,
+    ) -> Result<Response<pb::GetJwksResponse>, Status> {
+        Ok(Response::new(jwks_response(&self.ctx.auth.tokens().keys().jwks())))
+    }
 }
 
-fn validation_response(check: TokenCheck) -> pb::ValidateTokenResponse {
+fn jwks_response(jwks: &crate::token::keys::Jwks) -> pb::GetJwksResponse {
+    let keys = jwks
+        .keys
+        .iter()
+        .map(|k| pb::Jwk {
+            kty: k.kty.clone(),
+            kid: k.kid.clone(),
+            r#use: k.key_use.clone(),
+            alg: k.alg.clone(),
+            n: k.n.clone().unwrap_or_default(),
+            e: k.e.clone().unwrap_or_default(),
+            crv: k.crv.clone().unwrap_or_default(),
+            x: k.x.clone().unwrap_or_default(),
+            y: k.y.clone().unwrap_or_default(),
+        })
+        .collect();
+    pb::GetJwksResponse { jwks_json: jwks.to_json(), keys }
+}
+
+pub(super) fn validation_response(check: TokenCheck) -> pb::ValidateTokenResponse {
     use pb::TokenInvalidReason as R;
     match check {
         TokenCheck::Valid(valid) => pb::ValidateTokenResponse {

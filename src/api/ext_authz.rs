@@ -32,8 +32,8 @@ use envoy_types::{
 };
 use tonic::{Code, Request, Response, Status};
 
-use super::{ApiContext, status::to_status};
-use crate::auth::{InvalidReason, TokenCheck, ValidToken};
+use super::status::to_status;
+use crate::auth::{InvalidReason, TokenCheck, ValidToken, ValidatesTokens};
 
 /// The `context_extensions` key naming the roles a route requires, comma separated.
 pub const REQUIRED_ROLES_KEY: &str = "portcullis.required_roles";
@@ -51,12 +51,13 @@ pub const SERVICE_NAME: &str = "envoy.service.auth.v3.Authorization";
 const REALM: &str = "portcullis";
 
 pub struct ExtAuthzApi {
-    ctx: Arc<ApiContext>,
+    /// The full server, or the validator (sidecar) mode.
+    validator: Arc<dyn ValidatesTokens>,
 }
 
 impl ExtAuthzApi {
-    pub fn new(ctx: Arc<ApiContext>) -> ExtAuthzApi {
-        ExtAuthzApi { ctx }
+    pub fn new(validator: Arc<dyn ValidatesTokens>) -> ExtAuthzApi {
+        ExtAuthzApi { validator }
     }
 }
 
@@ -72,7 +73,7 @@ impl Authorization for ExtAuthzApi {
         let required = required_roles(&request);
         // Err: the hot state is down and the answer unknown. An RPC error (UNAVAILABLE), not a
         // denial, so that Envoy applies its failure_mode_allow policy.
-        let check = self.ctx.auth.validate_token(token, &required).await.map_err(to_status)?;
+        let check = self.validator.validate_token(token, &required).await.map_err(to_status)?;
         Ok(Response::new(match check {
             TokenCheck::Valid(valid) => allowed(&valid),
             TokenCheck::Invalid(InvalidReason::MissingRole) => denied(Denial::MissingRole(&required)),

@@ -10,6 +10,7 @@ pub mod ext_authz;
 mod password_service;
 mod session_service;
 pub mod status;
+mod validator_service;
 
 use std::sync::Arc;
 
@@ -20,6 +21,7 @@ pub use auth_service::AuthApi;
 pub use ext_authz::ExtAuthzApi;
 pub use password_service::PasswordApi;
 pub use session_service::SessionApi;
+pub use validator_service::ValidatorAuthApi;
 
 use crate::auth::Auth;
 

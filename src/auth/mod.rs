@@ -36,7 +36,7 @@ pub use history::HistoryPage;
 pub use login::{LoginOutcome, LoginResult};
 pub use mfa::{MfaChallengeIssued, MfaStatus, TotpEnrollment};
 pub use register::Registration;
-pub use validate::{InvalidReason, TokenCheck, ValidToken};
+pub use validate::{InvalidReason, TokenCheck, ValidToken, ValidatesTokens, decide};
 
 use crate::{
     config::{LimitSettings, LoginSettings, MailSettings, MfaSettings, SessionSettings},

@@ -57,29 +57,50 @@ impl Auth {
                 Duration::try_from(remaining).unwrap_or(self.revocation_ttl).max(Duration::from_secs(1));
             self.hot.revoke_session(*session, ttl).await?;
         }
+        // Only now: a flush seen after this makes the marker disappear, and the reconciler
+        // notices within a second.
+        self.hot.mark_revocations_complete().await?;
         Ok(revoked.len())
     }
 
     /// Keeps the hot state's revocations complete until `stop` resolves: re-publishes every
-    /// `interval`, at once when a hot-state error was seen, and retries every second while
-    /// it fails.
+    /// `interval`, at once when a hot-state error was seen or when the hot state lost its
+    /// data (checked every second: the completeness marker is gone after a restart without
+    /// persistence or a FLUSHALL), and retries every second while it fails.
     pub async fn reconcile_revocations(
         &self,
         interval: Duration,
         stop: impl std::future::Future<Output = ()>,
     ) {
+        const CHECK_EVERY: Duration = Duration::from_secs(1);
         tokio::pin!(stop);
-        let mut wait = interval;
+        let mut due = interval;
+        let mut last = std::time::Instant::now();
         loop {
-            tokio::select! {
-                () = tokio::time::sleep(wait) => {}
+            let republish = tokio::select! {
+                () = tokio::time::sleep(CHECK_EVERY.min(due)) => {
+                    last.elapsed() >= due || match self.hot.revocations_complete().await {
+                        Ok(complete) => {
+                            if !complete {
+                                tracing::warn!("the hot state lost its revocations (restart or flush): re-publishing now");
+                            }
+                            !complete
+                        }
+                        Err(_) => true,
+                    }
+                }
                 () = self.resync.notified() => {
                     // Let the hot state come back before trying.
                     tokio::time::sleep(Duration::from_millis(100)).await;
+                    true
                 }
                 () = &mut stop => return,
+            };
+            if !republish {
+                continue;
             }
-            wait = match self.republish_recent_revocations().await {
+            last = std::time::Instant::now();
+            due = match self.republish_recent_revocations().await {
                 Ok(count) => {
                     tracing::debug!(count, "revocations re-published");
                     interval

@@ -30,8 +30,12 @@ use super::{HotState, MemoryHotState};
 /// subscription that died silently is noticed within about this much.
 const PING_EVERY: Duration = Duration::from_millis(500);
 const PING_TIMEOUT: Duration = Duration::from_millis(500);
-/// Wait between attempts to resubscribe.
-const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(100);
+/// Wait between attempts to resubscribe: doubling from the first to the last, with jitter,
+/// so replicas that lost their feeds together do not rescan Redis in lockstep.
+const RESUBSCRIBE_FIRST: Duration = Duration::from_millis(100);
+const RESUBSCRIBE_MAX: Duration = Duration::from_secs(5);
+/// Bound on connecting and subscribing (a blackholed socket must not hang the feed).
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Keys per SCAN round during a resync.
 const SCAN_COUNT: usize = 1000;
 
@@ -101,8 +105,10 @@ pub(super) async fn run_feed(
     mirror: Weak<Mirror>,
 ) {
     let channel = format!("{key_prefix}revocations");
+    let mut delay = RESUBSCRIBE_FIRST;
     loop {
         let Some(strong) = mirror.upgrade() else { return };
+        let started = std::time::Instant::now();
         if let Err(error) = follow(&client, &conn, &key_prefix, &channel, &strong).await
             && strong.is_synced()
         {
@@ -110,7 +116,12 @@ pub(super) async fn run_feed(
         }
         strong.set_synced(false);
         drop(strong);
-        tokio::time::sleep(RESUBSCRIBE_DELAY).await;
+        // A subscription that lived a while starts the backoff over.
+        if started.elapsed() > RESUBSCRIBE_MAX {
+            delay = RESUBSCRIBE_FIRST;
+        }
+        tokio::time::sleep(jitter(delay)).await;
+        delay = (delay * 2).min(RESUBSCRIBE_MAX);
     }
 }
 
@@ -122,8 +133,8 @@ async fn follow(
     channel: &str,
     mirror: &Arc<Mirror>,
 ) -> anyhow::Result<()> {
-    let mut pubsub = tokio::time::timeout(PING_TIMEOUT * 4, client.get_async_pubsub()).await??;
-    pubsub.subscribe(channel).await?;
+    let mut pubsub = tokio::time::timeout(SUBSCRIBE_TIMEOUT, client.get_async_pubsub()).await??;
+    tokio::time::timeout(SUBSCRIBE_TIMEOUT, pubsub.subscribe(channel)).await??;
     let (mut sink, mut stream) = pubsub.split();
     // Subscribed first, so a revocation published during the scan is not missed.
     resync(conn, key_prefix, mirror).await?;
@@ -154,7 +165,7 @@ async fn follow(
 /// Copies every live revocation key into the mirror.
 async fn resync(conn: &ConnectionManager, key_prefix: &str, mirror: &Mirror) -> anyhow::Result<()> {
     let mut conn = conn.clone();
-    let pattern = format!("{key_prefix}rev:*");
+    let pattern = format!("{}rev:*", escape_glob(key_prefix));
     let mut cursor: u64 = 0;
     loop {
         let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
@@ -185,9 +196,36 @@ async fn resync(conn: &ConnectionManager, key_prefix: &str, mirror: &Mirror) -> 
     }
 }
 
+/// `delay` give or take a quarter, from the clock's low bits (no RNG needed for this).
+fn jitter(delay: Duration) -> Duration {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let quarter = delay / 4;
+    delay - quarter + quarter * 2 * (nanos % 1000) / 1000
+}
+
+/// A key prefix as a literal in a SCAN `MATCH` pattern.
+fn escape_glob(prefix: &str) -> String {
+    let mut escaped = String::with_capacity(prefix.len());
+    for c in prefix.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefixes_are_literal_in_patterns_and_delays_jitter_within_bounds() {
+        assert_eq!(escape_glob("app:*[1]?"), "app:\\*\\[1\\]\\?");
+        let d = jitter(Duration::from_millis(400));
+        assert!(d >= Duration::from_millis(300) && d <= Duration::from_millis(500), "{d:?}");
+    }
 
     #[test]
     fn messages_round_trip_and_garbage_is_refused() {

@@ -28,6 +28,19 @@ pub trait HotState: Send + Sync + 'static {
     /// Whether the session was revoked within its `ttl`.
     async fn is_session_revoked(&self, session_id: Uuid) -> Result<bool, HotError>;
 
+    /// Whether the revocations are known to be complete: false once the hot state lost its
+    /// data (a restart without persistence, FLUSHALL) since the last
+    /// [`mark_revocations_complete`](Self::mark_revocations_complete). Process memory cannot
+    /// lose them on its own.
+    async fn revocations_complete(&self) -> Result<bool, HotError> {
+        Ok(true)
+    }
+
+    /// Notes that every live revocation has just been (re-)published.
+    async fn mark_revocations_complete(&self) -> Result<(), HotError> {
+        Ok(())
+    }
+
     /// Atomically: if `key` is blocked, or the window already holds `limit.limit` events, answers
     /// Denied and changes nothing (a denied call never extends a block or a window). Otherwise
     /// records one event named `member` (unique per call; the caller makes it) and answers Allowed;

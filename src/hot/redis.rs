@@ -63,6 +63,8 @@ const RETRY_MIN_DELAY: Duration = Duration::from_millis(100);
 const RETRY_MAX_DELAY: Duration = Duration::from_millis(500);
 /// Bound on the whole of [`RedisHotState::connect`], whatever the library does.
 const CONNECT_DEADLINE: Duration = Duration::from_secs(3);
+/// Bound on a revocation check sent to Redis while the mirror is not trusted.
+const FALLBACK_CHECK_TIMEOUT: Duration = Duration::from_millis(100);
 /// Longest ttl sent to Redis (a larger one is capped; Redis rejects expiries that overflow).
 const MAX_TTL_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
 /// How much longer than its window a window key lives after a hit (so rounding and the
@@ -346,6 +348,26 @@ impl HotState for RedisHotState {
         Ok(())
     }
 
+    async fn revocations_complete(&self) -> Result<bool, HotError> {
+        let mut conn = self.conn.clone();
+        let count: u64 = redis::cmd("EXISTS")
+            .arg(format!("{}rev-complete", self.key_prefix))
+            .query_async(&mut conn)
+            .await
+            .map_err(HotError::Unavailable)?;
+        Ok(count > 0)
+    }
+
+    async fn mark_revocations_complete(&self) -> Result<(), HotError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("SET")
+            .arg(format!("{}rev-complete", self.key_prefix))
+            .arg(1)
+            .exec_async(&mut conn)
+            .await
+            .map_err(HotError::Unavailable)
+    }
+
     async fn is_session_revoked(&self, session_id: Uuid) -> Result<bool, HotError> {
         let Some(mirror) = &self.mirror else {
             return self.exists_in_redis(session_id).await.map_err(HotError::Unavailable);
@@ -356,10 +378,17 @@ impl HotState for RedisHotState {
         // The feed is down: ask Redis until it is back and resynced; with Redis down too,
         // the copy answers within its staleness bound, then the check fails closed.
         mirror.checks_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        match self.exists_in_redis(session_id).await {
-            Ok(revoked) => Ok(revoked || mirror.revoked.is_session_revoked(session_id).await?),
-            Err(_) if mirror.within_staleness() => mirror.revoked.is_session_revoked(session_id).await,
-            Err(error) => Err(HotError::Unavailable(error)),
+        // A short bound: within the staleness window a dead Redis must cost milliseconds
+        // per check, not the connection's response timeout.
+        let asked = tokio::time::timeout(FALLBACK_CHECK_TIMEOUT, self.exists_in_redis(session_id)).await;
+        match asked {
+            Ok(Ok(revoked)) => Ok(revoked || mirror.revoked.is_session_revoked(session_id).await?),
+            _ if mirror.within_staleness() => mirror.revoked.is_session_revoked(session_id).await,
+            Ok(Err(error)) => Err(HotError::Unavailable(error)),
+            Err(_elapsed) => Err(HotError::Unavailable(RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "revocation check timed out",
+            )))),
         }
     }
 

@@ -3,7 +3,11 @@
 //! random port).
 
 mod health;
+pub mod ops;
 mod secrets;
+mod validator;
+
+pub use validator::ValidatorApp;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -34,6 +38,8 @@ pub struct Application {
     hot: DynHotState,
     activity: Arc<ActivityRecorder>,
     outbox: OutboxWorker,
+    /// The ops HTTP listener; `None` with `server.ops_enabled = false`.
+    ops: Option<ops::OpsServer>,
 }
 
 /// Connects to the configured database (no migrations).
@@ -130,17 +136,27 @@ impl Application {
             .with_context(|| format!("cannot listen on {}", settings.server.listen))?
             .with_nodelay(Some(true));
         let addr = incoming.local_addr()?;
-        Ok(Application { settings, incoming, addr, auth, store, hot, activity, outbox })
+        let ops = match settings.server.ops_enabled {
+            true => Some(ops::OpsServer::bind(settings.server.ops_listen).await?),
+            false => None,
+        };
+        Ok(Application { settings, incoming, addr, auth, store, hot, activity, outbox, ops })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }
 
+    /// The bound address of the ops HTTP server (`/healthz`, `/.well-known/jwks.json`), unless
+    /// it is switched off.
+    pub fn ops_addr(&self) -> Option<SocketAddr> {
+        self.ops.as_ref().map(ops::OpsServer::local_addr)
+    }
+
     /// Serves until `shutdown` resolves; then reports NOT_SERVING, stops accepting, and lets
     /// in-flight calls finish within `server.shutdown_grace`.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-        let Application { settings, incoming, addr, auth, store, hot, activity, outbox } = self;
+        let Application { settings, incoming, addr, auth, store, hot, activity, outbox, ops } = self;
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         let (stopping_tx, stopping) = watch::channel(false);
         // `build` just reached both dependencies; the watcher takes over from here.
@@ -177,6 +193,12 @@ impl Application {
             tokio::spawn(async move { auth.reconcile_revocations(interval, until(drained)).await })
         };
 
+        // The ops HTTP server stops accepting on the same signal as gRPC (`stopping`).
+        let ops_task = ops.map(|ops| {
+            let state = ops::OpsState { jwks_json: auth.tokens().keys().jwks().to_json().into() };
+            tokio::spawn(ops.serve(ops::router(state), until(stopping.clone())))
+        });
+
         let ctx = Arc::new(ApiContext { auth, trusted_proxies: settings.server.trusted_proxies.clone() });
         let mut reflection = None;
         let mut reflection_alpha = None;
@@ -208,7 +230,9 @@ impl Application {
             )))
             .add_service(pb::account_service_server::AccountServiceServer::new(AccountApi::new(ctx.clone())))
             // Envoy/Istio ext_authz. Not in reflection: envoy-types ships no descriptor set.
-            .add_service(envoy_types::ext_authz::v3::pb::AuthorizationServer::new(ExtAuthzApi::new(ctx)))
+            .add_service(envoy_types::ext_authz::v3::pb::AuthorizationServer::new(ExtAuthzApi::new(
+                ctx.auth.clone(),
+            )))
             .serve_with_incoming_shutdown(incoming, async {
                 _ = stop_accepting.await;
             });
@@ -241,6 +265,14 @@ impl Application {
         _ = tokio::time::timeout(Duration::from_secs(1), reconciler_task).await;
         _ = tokio::time::timeout(Duration::from_secs(1), purge_task).await;
         _ = tokio::time::timeout(Duration::from_secs(5), outbox_task).await;
+        if let Some(ops_task) = ops_task {
+            match tokio::time::timeout(Duration::from_secs(5), ops_task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(error))) => tracing::error!(%error, "ops HTTP server failed"),
+                Ok(Err(error)) => tracing::error!(%error, "ops HTTP server task failed"),
+                Err(_) => tracing::warn!("ops HTTP connections still open after 5 s: dropped"),
+            }
+        }
         health_task.abort();
         tracing::info!("portcullis stopped");
         result

@@ -6,7 +6,7 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use jsonwebtoken::{Header, Validation, decode, decode_header, encode, errors::ErrorKind};
+use jsonwebtoken::{DecodingKey, Header, Validation, decode, decode_header, encode, errors::ErrorKind};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -74,20 +74,7 @@ impl AccessTokens {
         if !settings.allowed_algorithms.contains(&keys.signer().algorithm) {
             return Err(super::keys::KeyError::SignerNotAllowed(keys.signer().algorithm));
         }
-        let validations = settings
-            .allowed_algorithms
-            .iter()
-            .map(|&alg| {
-                let mut v = Validation::new(alg.jwt());
-                v.set_required_spec_claims(REQUIRED_CLAIMS);
-                v.set_issuer(&[&settings.issuer]);
-                v.set_audience(&[&settings.audience]);
-                v.validate_exp = true;
-                v.validate_nbf = true;
-                v.leeway = settings.leeway.as_secs();
-                (alg, v)
-            })
-            .collect();
+        let validations = validations(settings);
         Ok(AccessTokens {
             keys,
             issuer: settings.issuer.clone(),
@@ -136,25 +123,7 @@ impl AccessTokens {
     /// Checks signature, algorithm, `exp`/`nbf` (with leeway), `iss` and `aud`. Revocation is
     /// the caller's business.
     pub fn verify(&self, token: &str) -> Result<AccessClaims, TokenRejection> {
-        let header = decode_header(token).map_err(|_| header_problem(token))?;
-        let kid = header.kid.as_deref().ok_or(TokenRejection::BadSignature)?;
-        let key = self.keys.find(kid).ok_or(TokenRejection::BadSignature)?;
-        // The key decides the algorithm, not the token: a header naming another one fails.
-        if header.alg != key.algorithm.jwt() {
-            return Err(TokenRejection::BadSignature);
-        }
-        let validation = self.validations.get(&key.algorithm).ok_or(TokenRejection::BadSignature)?;
-        let data = decode::<AccessClaims>(token, &key.decoding, validation).map_err(|e| match e.kind() {
-            ErrorKind::ExpiredSignature => TokenRejection::Expired,
-            ErrorKind::ImmatureSignature => TokenRejection::NotYetValid,
-            ErrorKind::InvalidIssuer => TokenRejection::WrongIssuer,
-            ErrorKind::InvalidAudience => TokenRejection::WrongAudience,
-            ErrorKind::InvalidSignature | ErrorKind::InvalidAlgorithm | ErrorKind::InvalidKeyFormat => {
-                TokenRejection::BadSignature
-            }
-            _ => TokenRejection::Malformed,
-        })?;
-        Ok(data.claims)
+        verify_with(token, &self.validations, |kid| self.keys.find(kid).map(|k| (k.algorithm, &k.decoding)))
     }
 
     /// [`Self::verify`], answered from the verified-claims cache when this exact token was
@@ -193,6 +162,52 @@ impl AccessTokens {
 
 /// Why a header did not parse: a well-formed header naming an algorithm we do not know
 /// (`none`, `HS512`…) is a signature problem; anything else is malformed.
+/// The prepared validations of `settings`, one per allowed algorithm.
+pub(super) fn validations(settings: &TokenSettings) -> HashMap<SigningAlgorithm, Validation> {
+    settings
+        .allowed_algorithms
+        .iter()
+        .map(|&alg| {
+            let mut v = Validation::new(alg.jwt());
+            v.set_required_spec_claims(REQUIRED_CLAIMS);
+            v.set_issuer(&[&settings.issuer]);
+            v.set_audience(&[&settings.audience]);
+            v.validate_exp = true;
+            v.validate_nbf = true;
+            v.leeway = settings.leeway.as_secs();
+            (alg, v)
+        })
+        .collect()
+}
+
+/// Verification against whichever keys `find` knows (by `kid`): the key decides the
+/// algorithm, never the token.
+pub(super) fn verify_with<'k>(
+    token: &str,
+    validations: &HashMap<SigningAlgorithm, Validation>,
+    find: impl Fn(&str) -> Option<(SigningAlgorithm, &'k DecodingKey)>,
+) -> Result<AccessClaims, TokenRejection> {
+    let header = decode_header(token).map_err(|_| header_problem(token))?;
+    let kid = header.kid.as_deref().ok_or(TokenRejection::BadSignature)?;
+    let (algorithm, key) = find(kid).ok_or(TokenRejection::BadSignature)?;
+    // The key decides the algorithm, not the token: a header naming another one fails.
+    if header.alg != algorithm.jwt() {
+        return Err(TokenRejection::BadSignature);
+    }
+    let validation = validations.get(&algorithm).ok_or(TokenRejection::BadSignature)?;
+    let data = decode::<AccessClaims>(token, key, validation).map_err(|e| match e.kind() {
+        ErrorKind::ExpiredSignature => TokenRejection::Expired,
+        ErrorKind::ImmatureSignature => TokenRejection::NotYetValid,
+        ErrorKind::InvalidIssuer => TokenRejection::WrongIssuer,
+        ErrorKind::InvalidAudience => TokenRejection::WrongAudience,
+        ErrorKind::InvalidSignature | ErrorKind::InvalidAlgorithm | ErrorKind::InvalidKeyFormat => {
+            TokenRejection::BadSignature
+        }
+        _ => TokenRejection::Malformed,
+    })?;
+    Ok(data.claims)
+}
+
 fn header_problem(token: &str) -> TokenRejection {
     use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
     let names_an_algorithm = token

@@ -16,7 +16,7 @@ use aws_lc_rs::{
 };
 use jsonwebtoken::{
     Algorithm, DecodingKey, EncodingKey,
-    jwk::{Jwk, JwkSet, ThumbprintHash},
+    jwk::{AlgorithmParameters, EllipticCurve, Jwk, ThumbprintHash},
 };
 use serde::{Deserialize, Serialize};
 
@@ -64,9 +64,47 @@ pub struct Key {
     pub algorithm: SigningAlgorithm,
     pub(crate) encoding: EncodingKey,
     pub(crate) decoding: DecodingKey,
-    /// The public half, as published in the JWKS.
+    /// The public half, as jsonwebtoken derived it (its thumbprint is the `kid`).
     pub jwk: Jwk,
+    /// The public half exactly as published in the JWKS.
+    pub public: PublicJwk,
     pub path: PathBuf,
+}
+
+/// A public key as published (RFC 7517, members per RFC 7518 §6 and RFC 8037 for OKP):
+/// `kty`, `use` = `sig`, `kid`, `alg`, then `n`/`e` (RSA), `crv`/`x`/`y` (EC P-256) or
+/// `crv`/`x` (OKP Ed25519). Built member by member from the public key, so no private
+/// member (`d`, `p`, `q`, …) can ever appear.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublicJwk {
+    pub kty: String,
+    #[serde(rename = "use")]
+    pub key_use: String,
+    pub kid: String,
+    pub alg: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub e: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crv: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub y: Option<String>,
+}
+
+/// A JWK Set (RFC 7517 §5): what `GetJwks` and `/.well-known/jwks.json` serve.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Jwks {
+    pub keys: Vec<PublicJwk>,
+}
+
+impl Jwks {
+    /// The JSON document, compact.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a JWK Set of strings always serialises")
+    }
 }
 
 /// The loaded keys: one signer, all verifiers.
@@ -130,9 +168,10 @@ impl KeySet {
         &self.keys
     }
 
-    /// The public keys, for callers that verify offline.
-    pub fn jwks(&self) -> JwkSet {
-        JwkSet { keys: self.keys.iter().map(|k| k.jwk.clone()).collect() }
+    /// The public keys of every loaded key (the signer and those that only verify), in
+    /// file-name order, for callers that verify offline.
+    pub fn jwks(&self) -> Jwks {
+        Jwks { keys: self.keys.iter().map(|k| k.public.clone()).collect() }
     }
 }
 
@@ -154,7 +193,48 @@ fn load_key(path: &Path) -> Result<Key, KeyError> {
     jwk.common.key_id = Some(kid.clone());
     jwk.common.public_key_use = Some(jsonwebtoken::jwk::PublicKeyUse::Signature);
     let decoding = DecodingKey::from_jwk(&jwk)?;
-    Ok(Key { kid, algorithm, encoding, decoding, jwk, path: path.to_path_buf() })
+    let public = public_jwk(&kid, algorithm, &jwk).ok_or_else(unsupported)?;
+    Ok(Key { kid, algorithm, encoding, decoding, jwk, public, path: path.to_path_buf() })
+}
+
+/// The published form of a key's public half; `None` for anything but the three shapes we
+/// sign with (a symmetric key is never published).
+fn public_jwk(kid: &str, algorithm: SigningAlgorithm, jwk: &Jwk) -> Option<PublicJwk> {
+    let mut public = PublicJwk {
+        kty: String::new(),
+        key_use: "sig".into(),
+        kid: kid.into(),
+        alg: algorithm.to_string(),
+        n: None,
+        e: None,
+        crv: None,
+        x: None,
+        y: None,
+    };
+    match (algorithm, &jwk.algorithm) {
+        (SigningAlgorithm::RS256, AlgorithmParameters::RSA(rsa)) => {
+            public.kty = "RSA".into();
+            public.n = Some(rsa.n.clone());
+            public.e = Some(rsa.e.clone());
+        }
+        (SigningAlgorithm::ES256, AlgorithmParameters::EllipticCurve(ec))
+            if ec.curve == EllipticCurve::P256 =>
+        {
+            public.kty = "EC".into();
+            public.crv = Some("P-256".into());
+            public.x = Some(ec.x.clone());
+            public.y = Some(ec.y.clone());
+        }
+        (SigningAlgorithm::EdDSA, AlgorithmParameters::OctetKeyPair(okp))
+            if okp.curve == EllipticCurve::Ed25519 =>
+        {
+            public.kty = "OKP".into();
+            public.crv = Some("Ed25519".into());
+            public.x = Some(okp.x.clone());
+        }
+        _ => return None,
+    }
+    Some(public)
 }
 
 /// Generates a key into `dir` (created if missing, file mode 0600) and returns its path.
@@ -228,6 +308,116 @@ mod tests {
         assert_eq!(KeySet::load_dir(dir.path(), Some(&ed)).unwrap().signer().kid, ed);
         assert!(matches!(KeySet::load_dir(dir.path(), Some("nope")), Err(KeyError::UnknownSigner(_))));
         assert_eq!(set.jwks().keys.len(), 3);
+        let jwks = set.jwks();
+        let kids: Vec<&str> = jwks.keys.iter().map(|k| k.kid.as_str()).collect();
+        assert_eq!(
+            kids,
+            set.keys().iter().map(|k| k.kid.as_str()).collect::<Vec<_>>(),
+            "every key, in order"
+        );
+    }
+
+    /// RFC 7638 §3: SHA-256 over the required members, in lexicographic order, without
+    /// whitespace, base64url. Computed here from the published JSON, independently of
+    /// jsonwebtoken's thumbprint (which made the `kid`).
+    fn rfc7638_thumbprint(published: &serde_json::Value) -> String {
+        use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+        let members: &[&str] = match published["kty"].as_str().unwrap() {
+            "RSA" => &["e", "kty", "n"],
+            "EC" => &["crv", "kty", "x", "y"],
+            "OKP" => &["crv", "kty", "x"],
+            other => panic!("unexpected kty {other}"),
+        };
+        let canonical = members
+            .iter()
+            .map(|m| format!("\"{m}\":\"{}\"", published[m].as_str().unwrap()))
+            .collect::<Vec<_>>()
+            .join(",");
+        let digest =
+            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, format!("{{{canonical}}}").as_bytes());
+        URL_SAFE_NO_PAD.encode(digest.as_ref())
+    }
+
+    fn b64_len(published: &serde_json::Value, member: &str) -> usize {
+        use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+        URL_SAFE_NO_PAD.decode(published[member].as_str().unwrap()).unwrap().len()
+    }
+
+    /// Members of the published JWK, as JSON, for a freshly generated key of `alg`.
+    fn published(alg: SigningAlgorithm) -> (Key, serde_json::Map<String, serde_json::Value>) {
+        let dir = tempfile::tempdir().unwrap();
+        let key = load_key(&generate_key_file(dir.path(), alg).unwrap()).unwrap();
+        let set = Jwks { keys: vec![key.public.clone()] };
+        let document: serde_json::Value = serde_json::from_str(&set.to_json()).unwrap();
+        let jwk = document["keys"][0].as_object().unwrap().clone();
+        (key, jwk)
+    }
+
+    fn names(jwk: &serde_json::Map<String, serde_json::Value>) -> Vec<&str> {
+        let mut names: Vec<&str> = jwk.keys().map(String::as_str).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn rsa_jwk_is_public_and_its_thumbprint_is_the_kid() {
+        let (key, jwk) = published(SigningAlgorithm::RS256);
+        // Exactly these members: no `d`, `p`, `q`, `dp`, `dq`, `qi`, `oth`.
+        assert_eq!(names(&jwk), ["alg", "e", "kid", "kty", "n", "use"]);
+        let value = serde_json::Value::Object(jwk);
+        assert_eq!(value["kty"], "RSA");
+        assert_eq!(value["alg"], "RS256");
+        assert_eq!(value["use"], "sig");
+        assert_eq!(value["e"], "AQAB");
+        // 2048-bit modulus, unsigned big-endian without a leading zero (RFC 7518 §6.3.1.1).
+        assert_eq!(b64_len(&value, "n"), 256);
+        assert_eq!(value["kid"], key.kid.as_str());
+        assert_eq!(rfc7638_thumbprint(&value), key.kid);
+    }
+
+    #[test]
+    fn ec_jwk_is_public_and_its_thumbprint_is_the_kid() {
+        let (key, jwk) = published(SigningAlgorithm::ES256);
+        assert_eq!(names(&jwk), ["alg", "crv", "kid", "kty", "use", "x", "y"], "no `d`");
+        let value = serde_json::Value::Object(jwk);
+        assert_eq!(value["kty"], "EC");
+        assert_eq!(value["crv"], "P-256");
+        assert_eq!(value["alg"], "ES256");
+        assert_eq!(value["use"], "sig");
+        // Full-length coordinates (RFC 7518 §6.2.1.2).
+        assert_eq!((b64_len(&value, "x"), b64_len(&value, "y")), (32, 32));
+        assert_eq!(rfc7638_thumbprint(&value), key.kid);
+    }
+
+    #[test]
+    fn okp_jwk_is_public_and_its_thumbprint_is_the_kid() {
+        let (key, jwk) = published(SigningAlgorithm::EdDSA);
+        assert_eq!(names(&jwk), ["alg", "crv", "kid", "kty", "use", "x"], "no `d`");
+        let value = serde_json::Value::Object(jwk);
+        assert_eq!(value["kty"], "OKP");
+        assert_eq!(value["crv"], "Ed25519");
+        assert_eq!(value["alg"], "EdDSA");
+        assert_eq!(value["use"], "sig");
+        assert_eq!(b64_len(&value, "x"), 32);
+        assert_eq!(rfc7638_thumbprint(&value), key.kid);
+    }
+
+    #[test]
+    fn published_keys_verify_tokens_of_their_private_halves() {
+        // The published members alone (through a DecodingKey built from them) verify what
+        // the private key signed: the JWKS describes the key that signs, not another one.
+        for alg in [SigningAlgorithm::RS256, SigningAlgorithm::ES256, SigningAlgorithm::EdDSA] {
+            let (key, jwk) = published(alg);
+            let reparsed: Jwk = serde_json::from_value(serde_json::Value::Object(jwk)).unwrap();
+            let decoding = DecodingKey::from_jwk(&reparsed).unwrap();
+            let mut header = jsonwebtoken::Header::new(alg.jwt());
+            header.kid = Some(key.kid.clone());
+            let claims = serde_json::json!({"sub": "s", "exp": 4_000_000_000u64});
+            let token = jsonwebtoken::encode(&header, &claims, &key.encoding).unwrap();
+            let mut validation = jsonwebtoken::Validation::new(alg.jwt());
+            validation.validate_aud = false;
+            jsonwebtoken::decode::<serde_json::Value>(&token, &decoding, &validation).unwrap();
+        }
     }
 
     #[test]

@@ -7,6 +7,8 @@ pub mod one_time;
 pub mod opaque;
 pub mod refresh;
 mod verified;
+pub mod verifier;
 
 pub use access::{AccessClaims, AccessTokens, TokenRejection};
 pub use keys::{KeySet, SigningAlgorithm};
+pub use verifier::TokenVerifier;

@@ -74,6 +74,13 @@ impl VerifiedCache {
         shard.insert(key, claims);
     }
 
+    /// Forgets everything (the key set lost a key: its tokens must verify again, and fail).
+    pub(super) fn clear(&self) {
+        for shard in &self.shards {
+            shard.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        }
+    }
+
     /// Entries held (for tests).
     #[cfg(test)]
     fn len(&self) -> usize {

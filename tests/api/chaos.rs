@@ -155,3 +155,38 @@ async fn revocations_cross_replicas_and_survive_a_client_kill() {
         "refused while the feed is down or once it has resynced"
     );
 }
+
+/// Redis loses every key (FLUSHALL, a restart without persistence): the revocations are
+/// back in Redis within about a second (the completeness marker went with them), whatever
+/// the resync interval, so a replica that starts just after the flush is not fooled for
+/// longer than that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_is_repaired_within_a_second() {
+    let Some((settings, data)) = test_settings(Backend::Postgres).await else { return };
+    assert!(
+        settings.sessions.revocation_resync_interval >= Duration::from_secs(30),
+        "the slow path is not what repairs it"
+    );
+    let redis_url = settings.redis_url.clone().unwrap();
+    let prefix = settings.redis.key_prefix.clone();
+    let app = spawn_with_settings(settings, Arc::new(data)).await;
+    let (gone, _, session) = app.user_session("fifi").await;
+    app.logout(&gone).await.unwrap();
+    let key = format!("{prefix}rev:{{{}}}", session.session.unwrap().id);
+
+    let mut redis = redis::Client::open(redis_url).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let exists = |mut redis: redis::aio::MultiplexedConnection, key: String| async move {
+        redis.exists::<_, bool>(key).await.unwrap()
+    };
+    assert!(exists(redis.clone(), key.clone()).await);
+    let keys: Vec<String> = redis.keys(format!("{prefix}*")).await.unwrap();
+    let _: () = redis.del(keys).await.unwrap();
+    let flushed = std::time::Instant::now();
+    assert!(
+        eventually(Duration::from_secs(3), || exists(redis.clone(), key.clone())).await,
+        "re-published after the flush"
+    );
+    eprintln!("revocations back in Redis {:?} after the flush", flushed.elapsed());
+    assert!(flushed.elapsed() < Duration::from_millis(2500));
+    assert_eq!(reason(&app.validate(&gone).await), TokenInvalidReason::SessionRevoked);
+}

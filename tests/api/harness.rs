@@ -43,6 +43,8 @@ macro_rules! on_both_backends {
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The ops HTTP server's address (`None` when `server.ops_enabled` is off).
+    pub ops_addr: Option<SocketAddr>,
     pub auth: AuthServiceClient<Channel>,
     pub sessions: SessionServiceClient<Channel>,
     pub settings: Settings,
@@ -59,6 +61,7 @@ pub async fn test_settings(backend: Backend) -> Option<(Settings, tempfile::Temp
     let data = tempfile::tempdir().expect("tempdir");
     let mut settings = Settings { data_dir: data.path().to_path_buf(), ..Settings::default() };
     settings.server.listen = "127.0.0.1:0".parse().unwrap();
+    settings.server.ops_listen = "127.0.0.1:0".parse().unwrap();
     settings.server.health_check_interval = Duration::from_millis(200);
     settings.server.shutdown_grace = Duration::from_secs(5);
     settings.password.bcrypt_cost = 4;
@@ -147,6 +150,7 @@ pub async fn spawn_with_settings(settings: Settings, data: std::sync::Arc<tempfi
     portcullis::telemetry::init(&settings.log);
     let app = Application::build(settings.clone()).await.expect("server builds");
     let addr = app.local_addr();
+    let ops_addr = app.ops_addr();
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run(async move {
         _ = stopped.await;
@@ -154,6 +158,7 @@ pub async fn spawn_with_settings(settings: Settings, data: std::sync::Arc<tempfi
     let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("connect");
     TestApp {
         addr,
+        ops_addr,
         auth: AuthServiceClient::new(channel.clone()),
         sessions: SessionServiceClient::new(channel),
         settings,

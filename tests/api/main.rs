@@ -15,6 +15,7 @@ mod email;
 mod envoy;
 mod geo;
 mod history;
+mod keys;
 mod login;
 mod mfa;
 #[cfg(feature = "client")]
@@ -23,3 +24,4 @@ mod operations;
 mod refresh;
 mod register;
 mod sessions;
+mod validator;

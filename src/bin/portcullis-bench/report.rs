@@ -1,0 +1,468 @@
+//! Figures of a run: one row per scenario, ratios to the Health baseline, the login storm,
+//! in-process verification; printed as a table and written as JSON.
+
+use std::{fmt::Write as _, time::Duration};
+
+use serde::Serialize;
+
+use crate::{
+    load::Phase,
+    server::{Probe, Sample},
+    verify::{AlgorithmCost, CachedCost},
+};
+
+#[derive(Serialize, Clone, Copy)]
+pub struct Latency {
+    pub p50_us: u32,
+    pub p90_us: u32,
+    pub p99_us: u32,
+    pub p999_us: u32,
+    pub max_us: u32,
+    pub mean_us: f64,
+}
+
+impl Latency {
+    /// Nearest-rank percentiles of the durations (sorted here).
+    pub fn of(durations: &mut [u32]) -> Option<Latency> {
+        if durations.is_empty() {
+            return None;
+        }
+        durations.sort_unstable();
+        let at = |p: f64| {
+            let rank = (p * durations.len() as f64).ceil() as usize;
+            durations[rank.clamp(1, durations.len()) - 1]
+        };
+        let sum: u64 = durations.iter().map(|&d| u64::from(d)).sum();
+        Some(Latency {
+            p50_us: at(0.50),
+            p90_us: at(0.90),
+            p99_us: at(0.99),
+            p999_us: at(0.999),
+            max_us: durations[durations.len() - 1],
+            mean_us: sum as f64 / durations.len() as f64,
+        })
+    }
+}
+
+/// A scenario's figures relative to Health/Check's.
+#[derive(Serialize, Clone, Copy)]
+pub struct Ratios {
+    pub cpu_per_request: Option<f64>,
+    pub p50: f64,
+    pub p99: f64,
+}
+
+#[derive(Serialize)]
+pub struct Row {
+    pub key: &'static str,
+    pub name: &'static str,
+    /// Successful calls in the measured window.
+    pub requests: u64,
+    pub errors: u64,
+    pub seconds: f64,
+    pub requests_per_second: f64,
+    pub latency: Option<Latency>,
+    /// Server utime + stime over the window.
+    pub server_cpu_ms: Option<f64>,
+    pub server_cpu_us_per_request: Option<f64>,
+    /// Server CPU time / wall time (1.0 = one core busy).
+    pub server_cores_busy: Option<f64>,
+    /// This process's CPU time / wall time.
+    pub generator_cores_busy: Option<f64>,
+    /// CPU time of everything else on the bench's CPUs (other processes, steal) / wall
+    /// time: when it is not near 0, the figures are not clean (throughput and latency suffer
+    /// most; CPU/request least).
+    pub other_cores_busy: Option<f64>,
+    pub concurrency: usize,
+    pub first_error: Option<String>,
+    pub note: Option<String>,
+    pub vs_health: Option<Ratios>,
+}
+
+impl Row {
+    pub fn new(
+        key: &'static str,
+        name: &'static str,
+        concurrency: usize,
+        mut phase: Phase,
+        (before, after): (Sample, Sample),
+        probe: &Probe,
+    ) -> Row {
+        let wall = after.at.duration_since(before.at);
+        let seconds = wall.as_secs_f64().max(1e-9);
+        let cpu =
+            |a: Option<u64>, b: Option<u64>| Some(probe.ticks_to_duration(b?.checked_sub(a?)?).as_secs_f64());
+        let server_cpu = cpu(before.server_ticks, after.server_ticks);
+        let own_cpu = cpu(before.own_ticks, after.own_ticks);
+        let busy = cpu(before.busy_ticks, after.busy_ticks);
+        let other = busy.zip(own_cpu).map(|(b, o)| (b - o - server_cpu.unwrap_or(0.0)).max(0.0));
+        Row {
+            key,
+            name,
+            requests: phase.ok,
+            errors: phase.errors,
+            seconds,
+            requests_per_second: phase.ok as f64 / seconds,
+            latency: Latency::of(&mut phase.latencies_us),
+            server_cpu_ms: server_cpu.map(|s| s * 1e3),
+            server_cpu_us_per_request: server_cpu.filter(|_| phase.ok > 0).map(|s| s * 1e6 / phase.ok as f64),
+            server_cores_busy: server_cpu.map(|s| s / seconds),
+            generator_cores_busy: own_cpu.map(|s| s / seconds),
+            other_cores_busy: other.map(|s| s / seconds),
+            concurrency,
+            first_error: phase.first_error,
+            note: None,
+            vs_health: None,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct StormSummary {
+    pub background_logins: usize,
+    /// Background logins answered within the measured window.
+    pub logins_ok: u64,
+    pub logins_failed: u64,
+    pub login_first_error: Option<String>,
+    pub unloaded_p99_us: Option<u32>,
+    pub loaded_p99_us: Option<u32>,
+    pub unloaded_requests_per_second: Option<f64>,
+    pub loaded_requests_per_second: f64,
+    /// Loaded p99 / unloaded p99.
+    pub p99_ratio: Option<f64>,
+    /// Loaded throughput / unloaded throughput.
+    pub throughput_ratio: Option<f64>,
+}
+
+#[derive(Serialize)]
+pub struct MachineInfo {
+    pub cores: usize,
+    pub cpu_model: String,
+    pub pinned: bool,
+    pub server_cpus: Option<String>,
+    pub generator_cpus: Option<String>,
+    pub pinning_note: String,
+    pub clock_ticks_per_second: u64,
+}
+
+#[derive(Serialize)]
+pub struct RunInfo {
+    pub server: String,
+    pub algorithm: String,
+    pub bcrypt_cost: Option<u32>,
+    pub duration_ms: u128,
+    pub warmup_ms: u128,
+    pub concurrency: usize,
+    pub connections: usize,
+    pub login_concurrency: usize,
+    pub refresh_concurrency: usize,
+    pub rotation_tokens: usize,
+    pub cold_tokens: usize,
+    pub revoked_tokens: usize,
+}
+
+#[derive(Serialize)]
+pub struct Report {
+    pub machine: MachineInfo,
+    pub run: RunInfo,
+    pub scenarios: Vec<Row>,
+    pub login_storm: Option<StormSummary>,
+    pub in_process: Vec<AlgorithmCost>,
+    pub in_process_cached_hit: Option<CachedCost>,
+    pub server_peak_rss_kib: Option<u64>,
+    pub notes: Vec<String>,
+}
+
+pub const HEALTH: &str = "health";
+pub const HOT: &str = "validate-hot";
+pub const STORM: &str = "storm";
+
+impl Report {
+    /// Fills in the ratios to Health/Check and the storm's comparison with unloaded figures.
+    pub fn compare(&mut self) {
+        let health = self.scenarios.iter().find(|r| r.key == HEALTH);
+        let base = health.and_then(|h| Some((h.latency?, h.server_cpu_us_per_request)));
+        if let Some((base_latency, base_cpu)) = base {
+            for row in self.scenarios.iter_mut().filter(|r| r.key != HEALTH) {
+                let Some(latency) = row.latency else { continue };
+                row.vs_health = Some(Ratios {
+                    // The storm's server CPU pays for the background logins too.
+                    cpu_per_request: base_cpu
+                        .zip(row.server_cpu_us_per_request)
+                        .filter(|_| row.key != STORM)
+                        .map(|(b, c)| c / b),
+                    p50: f64::from(latency.p50_us) / f64::from(base_latency.p50_us.max(1)),
+                    p99: f64::from(latency.p99_us) / f64::from(base_latency.p99_us.max(1)),
+                });
+            }
+        }
+        let hot = self.scenarios.iter().find(|r| r.key == HOT);
+        let loaded = self.scenarios.iter().find(|r| r.key == STORM);
+        if let (Some(storm), Some(loaded)) = (self.login_storm.as_mut(), loaded) {
+            storm.loaded_p99_us = loaded.latency.map(|l| l.p99_us);
+            storm.loaded_requests_per_second = loaded.requests_per_second;
+            if let Some(hot) = hot {
+                storm.unloaded_p99_us = hot.latency.map(|l| l.p99_us);
+                storm.unloaded_requests_per_second = Some(hot.requests_per_second);
+                storm.p99_ratio = storm
+                    .loaded_p99_us
+                    .zip(storm.unloaded_p99_us)
+                    .map(|(l, u)| f64::from(l) / f64::from(u.max(1)));
+                storm.throughput_ratio = Some(loaded.requests_per_second / hot.requests_per_second.max(1e-9));
+            }
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let m = &self.machine;
+        let r = &self.run;
+        _ = writeln!(out, "portcullis-bench on {} cores ({})", m.cores, m.cpu_model);
+        if m.pinned {
+            _ = writeln!(
+                out,
+                "pinning: server on CPU {} (taskset -c), load generator on CPU {} (taskset -a -p)",
+                m.server_cpus.as_deref().unwrap_or("?"),
+                m.generator_cpus.as_deref().unwrap_or("?")
+            );
+        } else {
+            _ = writeln!(
+                out,
+                "WARNING: not pinned ({}): server and load generator share the CPUs, so \
+                 throughput and latency mix both; server CPU per request is the figure to compare",
+                m.pinning_note
+            );
+        }
+        _ = writeln!(
+            out,
+            "server: {}, {} signing key{}",
+            r.server,
+            r.algorithm,
+            r.bcrypt_cost.map(|c| format!(", bcrypt cost {c}")).unwrap_or_default()
+        );
+        _ = writeln!(
+            out,
+            "load: {} concurrent calls over {} connections (Login {}, Refresh {}), {} per scenario after a {} warm-up",
+            r.concurrency,
+            r.connections,
+            r.login_concurrency,
+            r.refresh_concurrency,
+            fmt_duration(Duration::from_millis(r.duration_ms as u64)),
+            fmt_duration(Duration::from_millis(r.warmup_ms as u64)),
+        );
+        _ = writeln!(out);
+        _ = writeln!(
+            out,
+            "{:<24} {:>8} {:>6} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>11} {:>7} {:>7} {:>6}",
+            "scenario",
+            "requests",
+            "errors",
+            "req/s",
+            "p50",
+            "p90",
+            "p99",
+            "p99.9",
+            "max",
+            "srv CPU/req",
+            "srv CPU",
+            "gen CPU",
+            "other"
+        );
+        for row in &self.scenarios {
+            let l = row.latency;
+            let lat =
+                |f: fn(&Latency) -> u32| l.as_ref().map(|l| fmt_us(f64::from(f(l)))).unwrap_or("-".into());
+            let cpu_req = row
+                .server_cpu_us_per_request
+                .map(|us| format!("{}{}", fmt_us(us), if row.key == STORM { "*" } else { "" }))
+                .unwrap_or("-".into());
+            let pct = |v: Option<f64>| v.map(|v| format!("{:.0}%", v * 100.0)).unwrap_or("-".into());
+            _ = writeln!(
+                out,
+                "{:<24} {:>8} {:>6} {:>9.0} {:>8} {:>8} {:>8} {:>8} {:>8} {:>11} {:>7} {:>7} {:>6}",
+                row.name,
+                row.requests,
+                row.errors,
+                row.requests_per_second,
+                lat(|l| l.p50_us),
+                lat(|l| l.p90_us),
+                lat(|l| l.p99_us),
+                lat(|l| l.p999_us),
+                lat(|l| l.max_us),
+                cpu_req,
+                pct(row.server_cores_busy),
+                pct(row.generator_cores_busy),
+                pct(row.other_cores_busy),
+            );
+        }
+        _ = writeln!(
+            out,
+            "(srv CPU = server utime+stime / wall time, 100% = one core; gen CPU = the same for the bench; \
+             other = every other process on these CPUs)"
+        );
+        let busiest = self.scenarios.iter().filter_map(|r| r.other_cores_busy).fold(0.0, f64::max);
+        if busiest > 0.05 {
+            _ = writeln!(
+                out,
+                "WARNING: other processes took up to {:.0}% of a core during the windows: throughput and \
+                 latency suffer most, CPU/request least; rerun on a quiet machine",
+                busiest * 100.0
+            );
+        }
+        for row in self.scenarios.iter().filter(|r| r.first_error.is_some() || r.note.is_some()) {
+            if let Some(note) = &row.note {
+                _ = writeln!(out, "  {}: {note}", row.name);
+            }
+            if let Some(error) = &row.first_error {
+                _ = writeln!(out, "  {}: {} errors, the first: {error}", row.name, row.errors);
+            }
+        }
+
+        if self.scenarios.iter().any(|r| r.vs_health.is_some()) {
+            _ = writeln!(out);
+            _ = writeln!(out, "against the Health/Check baseline (same server, same load):");
+            for row in &self.scenarios {
+                let Some(ratios) = row.vs_health else { continue };
+                let cpu = match ratios.cpu_per_request {
+                    Some(c) => format!("{c:.2}x Health CPU/request"),
+                    None if row.key == STORM => "CPU/request n/a (pays for the logins)".into(),
+                    None => "CPU/request n/a".into(),
+                };
+                _ = writeln!(out, "{}: {cpu}, p50 {:.2}x, p99 {:.2}x", row.name, ratios.p50, ratios.p99);
+            }
+        }
+
+        if let Some(storm) = &self.login_storm {
+            _ = writeln!(out);
+            let p99 = match (storm.p99_ratio, storm.loaded_p99_us, storm.unloaded_p99_us) {
+                (Some(ratio), Some(l), Some(u)) => {
+                    format!("p99 {ratio:.2}x unloaded ({} vs {})", fmt_us(f64::from(l)), fmt_us(f64::from(u)))
+                }
+                _ => "p99 ratio n/a (ValidateToken hot not run)".into(),
+            };
+            let throughput = match (storm.throughput_ratio, storm.unloaded_requests_per_second) {
+                (Some(ratio), Some(u)) => format!(
+                    "throughput {ratio:.2}x unloaded ({:.0} vs {u:.0} req/s)",
+                    storm.loaded_requests_per_second
+                ),
+                _ => "throughput ratio n/a".into(),
+            };
+            _ = writeln!(
+                out,
+                "login storm: ValidateToken hot with {} concurrent Login calls in the background: {p99}, {throughput}",
+                storm.background_logins
+            );
+            _ = writeln!(
+                out,
+                "  background logins in the window: {} succeeded, {} failed{}",
+                storm.logins_ok,
+                storm.logins_failed,
+                storm.login_first_error.as_ref().map(|e| format!(" (first: {e})")).unwrap_or_default()
+            );
+            _ = writeln!(out, "  * its srv CPU/req includes the background logins' bcrypt");
+        }
+
+        if !self.in_process.is_empty() {
+            _ = writeln!(out);
+            _ = writeln!(
+                out,
+                "in-process token cost (portcullis::token::AccessTokens, one thread, no gRPC, no cache):"
+            );
+            _ = writeln!(
+                out,
+                "{:<24} {:>8} {:>10} {:>12} {:>10}",
+                "", "verifies", "verify", "verifies/s", "issue"
+            );
+            for cost in &self.in_process {
+                _ = writeln!(
+                    out,
+                    "{:<24} {:>8} {:>10} {:>12.0} {:>10}",
+                    format!("verify {}", cost.algorithm),
+                    cost.verify_iterations,
+                    fmt_us(cost.verify_ns / 1e3),
+                    1e9 / cost.verify_ns,
+                    fmt_us(cost.issue_ns / 1e3),
+                );
+            }
+            if let Some(cheapest) = self.in_process.iter().min_by(|a, b| a.verify_ns.total_cmp(&b.verify_ns))
+            {
+                let others: Vec<String> = self
+                    .in_process
+                    .iter()
+                    .filter(|c| c.algorithm != cheapest.algorithm)
+                    .map(|c| format!("{} {:.2}x", c.algorithm, c.verify_ns / cheapest.verify_ns))
+                    .collect();
+                _ = writeln!(
+                    out,
+                    "cheapest to verify here: {} ({}); {} its cost",
+                    cheapest.algorithm,
+                    fmt_us(cheapest.verify_ns / 1e3),
+                    others.join(", ")
+                );
+            }
+            if let Some(cached) = &self.in_process_cached_hit {
+                _ = writeln!(
+                    out,
+                    "verified-claims cache hit ({}, verify_cached of a token seen before): {}",
+                    cached.algorithm,
+                    fmt_us(cached.ns / 1e3)
+                );
+            }
+        }
+
+        if let Some(kib) = self.server_peak_rss_kib {
+            _ = writeln!(out);
+            _ = writeln!(out, "server peak RSS (VmHWM): {:.1} MiB", kib as f64 / 1024.0);
+        }
+        if !self.notes.is_empty() {
+            _ = writeln!(out);
+            for note in &self.notes {
+                _ = writeln!(out, "{note}");
+            }
+        }
+        out
+    }
+}
+
+/// `812us`, `3.41ms`, `245ms`, `1.52s`.
+pub fn fmt_us(us: f64) -> String {
+    if us < 10.0 {
+        format!("{us:.2}us")
+    } else if us < 1_000.0 {
+        format!("{us:.0}us")
+    } else if us < 100_000.0 {
+        format!("{:.2}ms", us / 1e3)
+    } else if us < 1_000_000.0 {
+        format!("{:.0}ms", us / 1e3)
+    } else {
+        format!("{:.2}s", us / 1e6)
+    }
+}
+
+pub fn fmt_duration(d: Duration) -> String {
+    fmt_us(d.as_secs_f64() * 1e6)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let mut d: Vec<u32> = (1..=1000).rev().collect();
+        let l = Latency::of(&mut d).unwrap();
+        assert_eq!((l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.max_us), (500, 900, 990, 999, 1000));
+        assert_eq!(Latency::of(&mut [7]).unwrap().p999_us, 7);
+        assert!(Latency::of(&mut []).is_none());
+    }
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(fmt_us(0.456), "0.46us");
+        assert_eq!(fmt_us(812.4), "812us");
+        assert_eq!(fmt_us(3410.0), "3.41ms");
+        assert_eq!(fmt_us(245_000.0), "245ms");
+        assert_eq!(fmt_us(1_234_000.0), "1.23s");
+        assert_eq!(fmt_us(15_000_000.0), "15.00s");
+    }
+}

@@ -1,0 +1,172 @@
+//! Access tokens made in process with `portcullis::token`: minting with the server's own
+//! key (ValidateToken never touches SQL, so any session id validates unless revoked), and
+//! the raw cost of signing and verifying one token per algorithm.
+
+use std::{
+    hint::black_box,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use portcullis::{
+    config::TokenSettings,
+    token::{AccessTokens, KeySet, SigningAlgorithm, access::Subject, keys::generate_key_file},
+};
+use serde::Serialize;
+use uuid::Uuid;
+
+/// Token settings of the bench: the defaults (issuer, audience, leeway, allowed algorithms),
+/// with the long lifetime the bench gives its server too.
+fn settings() -> TokenSettings {
+    let ttl = humantime_serde::re::humantime::parse_duration(crate::server::TOKEN_TTL).expect("a duration");
+    TokenSettings { access_ttl: ttl, ..TokenSettings::default() }
+}
+
+fn subject() -> Subject<'static> {
+    Subject {
+        user_id: Uuid::now_v7(),
+        session_id: Uuid::now_v7(),
+        roles: &[],
+        amr: &["pwd"],
+        email_verified: true,
+    }
+}
+
+/// Signs tokens with the signing key of a keys directory.
+pub struct Minter {
+    tokens: AccessTokens,
+}
+
+impl Minter {
+    pub fn load(keys_dir: &Path) -> anyhow::Result<Minter> {
+        let keys = KeySet::load_dir(keys_dir, None)
+            .with_context(|| format!("cannot load the keys in {}", keys_dir.display()))?;
+        Ok(Minter { tokens: AccessTokens::new(keys, &settings())? })
+    }
+
+    pub fn algorithm(&self) -> SigningAlgorithm {
+        self.tokens.keys().signer().algorithm
+    }
+
+    /// `n` tokens of `n` distinct random sessions, signed on `threads` threads.
+    pub fn mint(&self, n: usize, threads: usize) -> anyhow::Result<Vec<String>> {
+        let threads = threads.clamp(1, n.max(1));
+        let per_thread = n.div_ceil(threads);
+        let now = time::OffsetDateTime::now_utc();
+        let chunks: Vec<anyhow::Result<Vec<String>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let count = per_thread.min(n.saturating_sub(t * per_thread));
+                    scope.spawn(move || {
+                        (0..count)
+                            .map(|_| Ok(self.tokens.issue(&subject(), now).context("cannot sign")?.0))
+                            .collect()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("minting thread panicked")).collect()
+        });
+        let mut tokens = Vec::with_capacity(n);
+        for chunk in chunks {
+            tokens.extend(chunk?);
+        }
+        Ok(tokens)
+    }
+}
+
+/// Calls `f` repeatedly for about `budget`; returns (calls, elapsed).
+fn time_loop(budget: Duration, mut f: impl FnMut()) -> (u64, Duration) {
+    let started = Instant::now();
+    let mut calls = 0u64;
+    loop {
+        for _ in 0..8 {
+            f();
+        }
+        calls += 8;
+        let elapsed = started.elapsed();
+        if elapsed >= budget {
+            return (calls, elapsed);
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct AlgorithmCost {
+    pub algorithm: String,
+    pub verify_iterations: u64,
+    /// One full verification (`AccessTokens::verify`: header, key lookup, signature,
+    /// claims), nanoseconds.
+    pub verify_ns: f64,
+    pub issue_iterations: u64,
+    /// One `AccessTokens::issue` (claims, signature), nanoseconds.
+    pub issue_ns: f64,
+}
+
+#[derive(Serialize)]
+pub struct CachedCost {
+    pub algorithm: String,
+    pub iterations: u64,
+    /// `AccessTokens::verify_cached` of a token verified before: SHA-256 and a map lookup.
+    pub ns: f64,
+}
+
+/// For each algorithm: a fresh key in a temporary directory, loaded as the server loads
+/// keys; one token issued, then verified (uncached) in a loop for `budget`, and issued in a
+/// loop for `budget / 2`. Plus the verified-claims cache hit, for `cached_alg`.
+pub fn measure(
+    budget: Duration,
+    cached_alg: SigningAlgorithm,
+) -> anyhow::Result<(Vec<AlgorithmCost>, CachedCost)> {
+    let dir = std::env::temp_dir().join(format!("portcullis-bench-keys-{}", Uuid::new_v4().simple()));
+    let result = measure_in(&dir, budget, cached_alg);
+    _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn measure_in(
+    dir: &Path,
+    budget: Duration,
+    cached_alg: SigningAlgorithm,
+) -> anyhow::Result<(Vec<AlgorithmCost>, CachedCost)> {
+    let mut costs = Vec::new();
+    let mut cached = None;
+    for alg in [SigningAlgorithm::EdDSA, SigningAlgorithm::ES256, SigningAlgorithm::RS256] {
+        let alg_dir = dir.join(alg.to_string());
+        generate_key_file(&alg_dir, alg)?;
+        let minter = Minter::load(&alg_dir)?;
+        let tokens = &minter.tokens;
+        let now = time::OffsetDateTime::now_utc();
+        let (token, _) = tokens.issue(&subject(), now)?;
+        tokens.verify(&token).map_err(|r| anyhow::anyhow!("{alg} token rejected in process: {r:?}"))?;
+
+        let (verify_iterations, spent) = time_loop(budget, || {
+            black_box(tokens.verify(black_box(&token)).is_ok());
+        });
+        let verify_ns = spent.as_nanos() as f64 / verify_iterations as f64;
+        let (issue_iterations, spent) = time_loop(budget / 2, || {
+            black_box(tokens.issue(&subject(), now).is_ok());
+        });
+        let issue_ns = spent.as_nanos() as f64 / issue_iterations as f64;
+        costs.push(AlgorithmCost {
+            algorithm: alg.to_string(),
+            verify_iterations,
+            verify_ns,
+            issue_iterations,
+            issue_ns,
+        });
+
+        if alg == cached_alg {
+            tokens.verify_cached(&token).map_err(|r| anyhow::anyhow!("cached verify: {r:?}"))?;
+            let (iterations, spent) = time_loop(budget / 2, || {
+                black_box(tokens.verify_cached(black_box(&token)).is_ok());
+            });
+            cached = Some(CachedCost {
+                algorithm: alg.to_string(),
+                iterations,
+                ns: spent.as_nanos() as f64 / iterations as f64,
+            });
+        }
+    }
+    Ok((costs, cached.expect("the cached algorithm is one of the three")))
+}

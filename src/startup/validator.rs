@@ -1,0 +1,146 @@
+//! `portcullis serve --mode validator`: the sidecar. ValidateToken, ext_authz Check, GetJwks
+//! and health, no database: public keys from a JWKS (file or central instance), revocations
+//! from Redis. Health is SERVING while the hot state answers.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use tokio::sync::watch;
+use tonic::transport::{Server, server::TcpIncoming};
+use tonic_health::ServingStatus;
+
+use super::{connect_hot, until};
+use crate::{
+    api::{ExtAuthzApi, ValidatorAuthApi, pb},
+    config::Settings,
+    hot::DynHotState,
+    validator::{KeySource, Validator},
+};
+
+/// The services a validator reports health for.
+const SERVICES: &[&str] = &["", "portcullis.v1.AuthService", crate::api::ext_authz::SERVICE_NAME];
+
+pub struct ValidatorApp {
+    settings: Settings,
+    incoming: TcpIncoming,
+    addr: SocketAddr,
+    validator: Arc<Validator>,
+    hot: DynHotState,
+}
+
+impl ValidatorApp {
+    pub async fn build(settings: Settings) -> anyhow::Result<ValidatorApp> {
+        let source = KeySource::from_settings(&settings.validator)?;
+        // Without the shared Redis a validator would never see a revocation.
+        if settings.redis_url.is_none() && !settings.allow_memory_hot_state {
+            anyhow::bail!(
+                "validator mode needs redis_url (the central instance's Redis) to follow revocations; \
+                 allow_memory_hot_state = true only for a local trial"
+            );
+        }
+        let hot = connect_hot(&settings).await?;
+        let validator = Validator::build(source, &settings.tokens, &settings.validator, hot.clone())
+            .await
+            .context("cannot load the public keys")?;
+        let incoming = TcpIncoming::bind(settings.server.listen)
+            .with_context(|| format!("cannot listen on {}", settings.server.listen))?
+            .with_nodelay(Some(true));
+        let addr = incoming.local_addr()?;
+        Ok(ValidatorApp { settings, incoming, addr, validator: Arc::new(validator), hot })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        let ValidatorApp { settings, incoming, addr, validator, hot } = self;
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let (stopping_tx, stopping) = watch::channel(false);
+        report(&reporter, ServingStatus::Serving).await;
+        let health_task = tokio::spawn(watch_hot_state(
+            reporter.clone(),
+            hot,
+            settings.server.health_check_interval,
+            stopping.clone(),
+        ));
+        let refresh_task = tokio::spawn(
+            validator.clone().refresh_every(settings.validator.jwks_refresh, until(stopping.clone())),
+        );
+        let reflection = if settings.server.reflection {
+            Some(
+                tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                    .build_v1()?,
+            )
+        } else {
+            None
+        };
+        let (stop_accepting_tx, stop_accepting) = tokio::sync::oneshot::channel::<()>();
+        let server = Server::builder()
+            .timeout(settings.server.request_timeout)
+            .trace_fn(|request| tracing::info_span!("rpc", method = %request.uri().path()))
+            .add_service(health_service)
+            .add_optional_service(reflection)
+            .add_service(pb::auth_service_server::AuthServiceServer::new(ValidatorAuthApi::new(
+                validator.clone(),
+            )))
+            .add_service(envoy_types::ext_authz::v3::pb::AuthorizationServer::new(ExtAuthzApi::new(
+                validator,
+            )))
+            .serve_with_incoming_shutdown(incoming, async {
+                _ = stop_accepting.await;
+            });
+        tracing::info!(%addr, "portcullis validator serving gRPC");
+        tokio::pin!(server);
+        tokio::pin!(shutdown);
+        let result = tokio::select! {
+            result = &mut server => result.context("gRPC server failed"),
+            () = &mut shutdown => {
+                _ = stopping_tx.send(true);
+                report(&reporter, ServingStatus::NotServing).await;
+                _ = stop_accepting_tx.send(());
+                match tokio::time::timeout(settings.server.shutdown_grace, &mut server).await {
+                    Ok(result) => result.context("gRPC server failed"),
+                    Err(_) => Ok(()),
+                }
+            }
+        };
+        _ = stopping_tx.send(true);
+        health_task.abort();
+        refresh_task.abort();
+        result
+    }
+}
+
+async fn report(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    for service in SERVICES {
+        reporter.set_service_status(*service, status).await;
+    }
+}
+
+/// SERVING while the hot state answers (revocations cannot be known otherwise).
+async fn watch_hot_state(
+    reporter: tonic_health::server::HealthReporter,
+    hot: DynHotState,
+    interval: Duration,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let mut last = ServingStatus::Serving;
+    loop {
+        let up = matches!(tokio::time::timeout(Duration::from_secs(2), hot.ping()).await, Ok(Ok(())));
+        let status = if up { ServingStatus::Serving } else { ServingStatus::NotServing };
+        if *stopping.borrow() {
+            return;
+        }
+        if status != last {
+            report(&reporter, status).await;
+            last = status;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stopping.changed() => return,
+        }
+    }
+}
