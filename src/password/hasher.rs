@@ -28,6 +28,8 @@ pub struct PasswordHasher {
     pepper: hmac::Key,
     cost: u32,
     permits: Arc<Semaphore>,
+    /// The bcrypt threads' queue (see [`BcryptPool`]).
+    pool: BcryptPool,
     /// A hash with the live cost, verified against when the user does not exist, so an
     /// unknown user costs what a wrong password costs.
     dummy_hash: String,
@@ -53,6 +55,9 @@ pub enum HashError {
     Join(#[from] tokio::task::JoinError),
     #[error("pepper must be at least 32 bytes")]
     WeakPepper,
+    /// The bcrypt threads are gone (could not start, or panicked).
+    #[error("password hashing threads unavailable")]
+    PoolGone,
     /// Every bcrypt slot stayed busy for the whole queue timeout.
     #[error("password hashing is saturated")]
     Busy,
@@ -72,6 +77,7 @@ impl PasswordHasher {
             pepper: hmac::Key::new(hmac::HMAC_SHA256, pepper),
             cost,
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            pool: BcryptPool::start(concurrency.max(1)),
             dummy_hash: String::new(),
             queue_timeout,
             failure_floor: Duration::ZERO,
@@ -141,7 +147,62 @@ impl PasswordHasher {
     ) -> Result<T, HashError> {
         let permit = tokio::time::timeout(self.queue_timeout, self.permits.acquire()).await;
         let _permit = permit.map_err(|_| HashError::Busy)?.expect("the hashing semaphore is never closed");
-        Ok(tokio::task::spawn_blocking(job).await?)
+        self.pool.run(job).await
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Threads of their own for bcrypt, at the lowest CPU priority (nice 19 on Linux): a login
+/// storm uses the CPU the hot path (ValidateToken) leaves, instead of time-slicing with it
+/// on the async workers' cores. As many threads as hashing permits, so a job never waits
+/// here (the semaphore in front is the queue, with its timeout).
+struct BcryptPool {
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+impl BcryptPool {
+    fn start(threads: usize) -> BcryptPool {
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        let queue = Arc::new(std::sync::Mutex::new(queue));
+        for n in 0..threads {
+            let queue = queue.clone();
+            let spawned = std::thread::Builder::new().name(format!("bcrypt-{n}")).spawn(move || {
+                lower_priority();
+                loop {
+                    // The lock is held only to take a job, not while it runs.
+                    let job = queue.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return, // the hasher is gone
+                    }
+                }
+            });
+            if let Err(error) = spawned {
+                tracing::error!(%error, "cannot start a bcrypt thread");
+            }
+        }
+        BcryptPool { jobs }
+    }
+
+    async fn run<T: Send + 'static>(&self, job: impl FnOnce() -> T + Send + 'static) -> Result<T, HashError> {
+        let (done, result) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = done.send(job());
+            }))
+            .map_err(|_| HashError::PoolGone)?;
+        result.await.map_err(|_| HashError::PoolGone)
+    }
+}
+
+/// Nice 19 for the calling thread (Linux applies `setpriority(PRIO_PROCESS, 0)` to the
+/// thread). Raising one's niceness needs no privilege; failure only costs latency.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority has no memory-safety preconditions; it only reads its arguments.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
     }
 }
 

@@ -8,8 +8,9 @@
 //!   never outlives its token; expired entries are dropped when met and when a full shard
 //!   needs room.
 //! - Bounded: `capacity` entries over [`SHARDS`] shards (each its own lock, so concurrent
-//!   validations rarely wait on each other); a full shard drops its expired entries, then
-//!   an arbitrary one. About 200 bytes an entry, so the default 16 384 is ~3 MiB.
+//!   validations rarely wait on each other); a full shard replaces a random entry (O(1):
+//!   expired entries go when met, or when their slot is picked). About 200 bytes an entry,
+//!   so the default 16 384 is ~3 MiB.
 //! - Revocation is NOT cached here: the caller checks it on every call.
 
 use std::{
@@ -25,7 +26,38 @@ use super::AccessClaims;
 const SHARDS: usize = 16;
 
 type Key = [u8; 32];
-type Shard = Mutex<HashMap<Key, Arc<AccessClaims>, BuildHasherDefault<KeyHasher>>>;
+type Shard = Mutex<Slots>;
+
+/// One shard: entries in slots (so a random one can be replaced in O(1)) and an index.
+#[derive(Default)]
+struct Slots {
+    index: HashMap<Key, usize, BuildHasherDefault<KeyHasher>>,
+    slots: Vec<(Key, Arc<AccessClaims>)>,
+}
+
+impl Slots {
+    fn get(&self, key: &Key) -> Option<&Arc<AccessClaims>> {
+        self.index.get(key).map(|&i| &self.slots[i].1)
+    }
+
+    fn remove(&mut self, key: &Key) {
+        let Some(i) = self.index.remove(key) else { return };
+        self.slots.swap_remove(i);
+        if let Some((moved, _)) = self.slots.get(i) {
+            self.index.insert(*moved, i);
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn clear(&mut self) {
+        self.index.clear();
+        self.slots.clear();
+    }
+}
 
 pub(super) struct VerifiedCache {
     shards: Vec<Shard>,
@@ -63,15 +95,21 @@ impl VerifiedCache {
         }
         let Some(shard) = self.shard(&key) else { return };
         let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
-        if shard.len() >= self.per_shard && !shard.contains_key(&key) {
-            shard.retain(|_, c| now_unix < c.exp);
-            if shard.len() >= self.per_shard
-                && let Some(victim) = shard.keys().next().copied()
-            {
-                shard.remove(&victim);
-            }
+        let shard = &mut *shard;
+        if let Some(&i) = shard.index.get(&key) {
+            shard.slots[i].1 = claims;
+        } else if shard.slots.len() < self.per_shard {
+            shard.index.insert(key, shard.slots.len());
+            shard.slots.push((key, claims));
+        } else {
+            // Full: replace a slot chosen at random (the new key's own bytes are uniform),
+            // O(1) and unbiased — no scan, and no part of the working set evicted first.
+            let victim = (u64::from_le_bytes(key[8..16].try_into().expect("8 bytes")) % self.per_shard as u64)
+                as usize;
+            let (old, _) = std::mem::replace(&mut shard.slots[victim], (key, claims));
+            shard.index.remove(&old);
+            shard.index.insert(key, victim);
         }
-        shard.insert(key, claims);
     }
 
     /// Forgets everything (the key set lost a key: its tokens must verify again, and fail).
