@@ -320,6 +320,8 @@ fn bench_runs_every_scenario_against_its_own_server() {
         "2",
         "--tokens-per-revoked-session",
         "3",
+        // Envoy and the replicas (PostgreSQL + Redis) are not for a smoke run.
+        "--no-envoy",
         "--json",
     ]);
     command.arg(&json_path);
@@ -335,12 +337,14 @@ fn bench_runs_every_scenario_against_its_own_server() {
     let scenarios = [
         ("health", "Health/Check"),
         ("validate-hot", "ValidateToken hot"),
+        ("ext-authz", "ext_authz Check hot"),
         ("validate-rotating", "ValidateToken rotating"),
         ("validate-cold", "ValidateToken cold"),
         ("validate-revoked", "ValidateToken revoked"),
         ("refresh", "Refresh"),
         ("login", "Login"),
         ("storm", "ValidateToken storm"),
+        ("validator", "ValidateToken validator"),
     ];
     // A table line per scenario: its name, then the count of calls answered.
     let count_after = |name: &str| -> u64 {
@@ -356,7 +360,17 @@ fn bench_runs_every_scenario_against_its_own_server() {
     for alg in ["EdDSA", "ES256", "RS256"] {
         assert!(count_after(&format!("verify {alg}")) > 0, "no in-process figures for {alg}:\n{stdout}");
     }
-    for line in ["cores", "Health CPU/request", "login storm:", "cheapest to verify here:", "peak RSS"] {
+    for line in [
+        "cores",
+        "Health CPU/request",
+        "login storm:",
+        "cheapest to verify here:",
+        "peak RSS",
+        "ext_authz Check (hot token",
+        "spawn to Health SERVING:",
+        "revocation lookup (",
+        "targets:",
+    ] {
         assert!(stdout.contains(line), "{line:?} missing:\n{stdout}");
     }
 
@@ -373,6 +387,12 @@ fn bench_runs_every_scenario_against_its_own_server() {
     assert_eq!(json["in_process"].as_array().unwrap().len(), 3);
     assert!(json["server_peak_rss_kib"].as_u64().unwrap() > 0);
     assert!(json["login_storm"]["p99_ratio"].as_f64().is_some());
+    assert!(json["ext_authz"]["cpu_ratio_to_validate_hot"].as_f64().is_some(), "{}", json["ext_authz"]);
+    assert!(json["validator"]["startup_ms"].as_f64().unwrap() > 0.0, "{}", json["validator"]);
+    assert!(json["validator"]["idle_rss_kib"].as_u64().unwrap() > 0, "{}", json["validator"]);
+    assert!(json["revocation_lookup"]["percent_of_validate_hot"].as_f64().is_some());
+    assert!(json["envoy"].is_null() && json["revocation_replicas"].is_null(), "skipped in the smoke run");
+    assert_eq!(json["failures"].as_array().unwrap().len(), 0);
 }
 
 /// A plain HTTP/1.1 GET on the ops port: the raw response.

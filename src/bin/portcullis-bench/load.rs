@@ -11,6 +11,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use envoy_types::pb::envoy::service::auth::v3::{
+    AttributeContext, CheckRequest, attribute_context, authorization_client::AuthorizationClient,
+};
 use portcullis::api::pb::{self, auth_service_client::AuthServiceClient};
 use tokio::task::{JoinHandle, JoinSet};
 use tonic::transport::{Channel, Endpoint};
@@ -94,6 +97,9 @@ impl RefreshChains {
 pub enum Workload {
     Health,
     Validate(TokenFeed, Expect),
+    /// Envoy's ext_authz `Authorization/Check` of one prepared request; success is an OK
+    /// answer (the request would be let through).
+    Check(Box<CheckRequest>),
     Login(pb::LoginRequest),
     Refresh(RefreshChains, pb::ClientContext),
 }
@@ -109,7 +115,7 @@ pub struct Phase {
 }
 
 impl Phase {
-    fn merge(&mut self, other: Phase) {
+    pub fn merge(&mut self, other: Phase) {
         self.ok += other.ok;
         self.errors += other.errors;
         self.latencies_us.extend(other.latencies_us);
@@ -149,6 +155,7 @@ pub async fn run_phase(
 
 async fn worker(index: usize, channel: Channel, workload: Arc<Workload>, deadline: Instant) -> Phase {
     let mut auth = AuthServiceClient::new(channel.clone());
+    let mut ext_authz = AuthorizationClient::new(channel.clone());
     let mut health = HealthClient::new(channel);
     let mut chain = match &*workload {
         Workload::Refresh(chains, _) => chains.take(index),
@@ -166,6 +173,7 @@ async fn worker(index: usize, channel: Channel, workload: Arc<Workload>, deadlin
                 let Some(token) = feed.take() else { break };
                 validate(&mut auth, token, *expect).await
             }
+            Workload::Check(request) => check(&mut ext_authz, (**request).clone()).await,
             Workload::Login(request) => login(&mut auth, request.clone()).await,
             Workload::Refresh(_, client) => {
                 let Some(token) = chain.take() else { break };
@@ -226,6 +234,38 @@ async fn validate(
             answer.valid,
             answer.reason()
         )),
+    }
+}
+
+/// What Envoy sends for an HTTP request carrying `authorization: Bearer <token>` (the
+/// example's `allowed_headers` keeps that header only).
+pub fn check_request(token: &str) -> CheckRequest {
+    let headers = [("authorization".to_string(), format!("Bearer {token}"))].into_iter().collect();
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(attribute_context::Request {
+                http: Some(attribute_context::HttpRequest {
+                    method: "GET".into(),
+                    path: "/".into(),
+                    host: "portcullis.test".into(),
+                    protocol: "HTTP/1.1".into(),
+                    headers,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+async fn check(client: &mut AuthorizationClient<Channel>, request: CheckRequest) -> Result<(), String> {
+    let answer = client.check(request).await.map_err(|s| status_text(&s))?.into_inner();
+    let code = answer.status.as_ref().map_or(0, |s| s.code);
+    if code == tonic::Code::Ok as i32 {
+        Ok(())
+    } else {
+        Err(format!("Check answered code {code} instead of OK"))
     }
 }
 

@@ -10,10 +10,13 @@
 //! server, is the figure to compare. Last, the raw in-process cost of verifying one token
 //! per algorithm. See README.md, "Benchmarks".
 
+mod envoy;
 mod load;
+mod replicas;
 mod report;
 mod server;
 mod setup;
+mod sidecar;
 mod verify;
 
 use std::{
@@ -30,10 +33,13 @@ use portcullis::token::SigningAlgorithm;
 use tonic::transport::Channel;
 
 use crate::{
+    envoy::{Envoy, EnvoyRun, EnvoySummary},
     load::{Expect, RefreshChains, Storm, TokenFeed, Workload, run_phase},
+    replicas::ReplicaOptions,
     report::{MachineInfo, Report, Row, RunInfo, StormSummary},
-    server::{LocalServer, Machine, Pinning, Prepared, Probe, ServerOptions},
+    server::{LocalServer, Machine, Pinning, Prepared, Probe, ScratchDir, ServerOptions},
     setup::Account,
+    sidecar::ValidatorSummary,
     verify::Minter,
 };
 
@@ -42,14 +48,22 @@ use crate::{
 const SCENARIOS: &[&str] = &[
     "health",
     "validate-hot",
+    "ext-authz",
     "validate-rotating",
-    "validate-cold",
     "validate-revoked",
+    "validate-cold",
     "refresh",
     "login",
     "storm",
+    "validator",
+    "envoy",
+    "revocation-replicas",
     "verify",
+    "revocation-lookup",
 ];
+
+/// Scenarios that need no server of the bench's (in process, or servers of their own).
+const WITHOUT_MAIN_SERVER: &[&str] = &["revocation-replicas", "verify", "revocation-lookup"];
 
 #[derive(Debug, Parser)]
 #[command(
@@ -122,9 +136,37 @@ struct Args {
     #[arg(long, requires = "addr")]
     keys_dir: Option<PathBuf>,
     /// Only these scenarios, comma-separated: health, validate (all of validate-hot,
-    /// validate-rotating, validate-cold, validate-revoked), refresh, login, storm, verify.
+    /// validate-rotating, validate-cold, validate-revoked), ext-authz, refresh, login, storm,
+    /// validator, envoy, revocation-replicas, verify, revocation-lookup (revocation: both).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Run revocation-replicas (two servers sharing PostgreSQL and Redis) even without
+    /// --database-url and --redis-url: on a temporary database created on --pg-admin-url and
+    /// dropped after, with the Redis of --redis-url or --replica-redis-url.
+    #[arg(long)]
+    replicas: bool,
+    /// PostgreSQL server on which --replicas creates (and drops) its temporary database.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    pg_admin_url: String,
+    /// Redis of the replicas when --redis-url is not given (a random key prefix, deleted after).
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    replica_redis_url: String,
+    /// Sessions revoked one by one in revocation-replicas (Logout on A, refusal seen on B).
+    #[arg(long, default_value_t = 200)]
+    revocations: usize,
+    /// How often replica B is asked, after each Logout on A, until it refuses the token.
+    #[arg(long, value_parser = parse_duration, default_value = "500us")]
+    revocation_poll: Duration,
+    /// The envoy binary of the envoy scenario [default: $PORTCULLIS_TOOLS_DIR/bin/envoy, or
+    /// ~/.cache/portcullis/tools/bin/envoy; the scenario is skipped when it is not there].
+    #[arg(long)]
+    envoy: Option<PathBuf>,
+    /// Skip the envoy scenario even when the envoy binary is there.
+    #[arg(long, conflicts_with = "envoy")]
+    no_envoy: bool,
+    /// Keep-alive HTTP/1.1 connections of the envoy scenario (one request in flight each).
+    #[arg(long, default_value_t = 4)]
+    envoy_connections: usize,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -160,6 +202,8 @@ impl Args {
             ("--cold-tokens", self.cold_tokens),
             ("--revoked-sessions", self.revoked_sessions),
             ("--tokens-per-revoked-session", self.tokens_per_revoked_session),
+            ("--revocations", self.revocations),
+            ("--envoy-connections", self.envoy_connections),
         ] {
             if value == 0 {
                 bail!("{name} must be at least 1");
@@ -176,7 +220,42 @@ impl Args {
     }
 
     fn grpc_selected(&self) -> bool {
-        SCENARIOS.iter().filter(|k| **k != "verify").any(|k| self.selected(k))
+        SCENARIOS.iter().filter(|k| !WITHOUT_MAIN_SERVER.contains(k)).any(|k| self.selected(k))
+    }
+
+    /// Named in --only (not merely selected by default).
+    fn asked_for(&self, key: &str) -> bool {
+        self.only.iter().any(|f| matches(f, key))
+    }
+
+    /// revocation-replicas runs with --replicas, when named in --only, or by default when the
+    /// server runs on PostgreSQL and Redis anyway.
+    fn replicas_enabled(&self) -> bool {
+        let backed = self.database_url.as_deref().is_some_and(|u| u.starts_with("postgres"))
+            && self.redis_url.is_some();
+        self.selected("revocation-replicas")
+            && (self.replicas || self.asked_for("revocation-replicas") || backed)
+    }
+
+    /// The envoy binary, when the envoy scenario runs.
+    fn envoy_binary(&self) -> anyhow::Result<Option<PathBuf>> {
+        if !self.selected("envoy") || self.no_envoy {
+            return Ok(None);
+        }
+        match &self.envoy {
+            Some(path) if path.exists() => Ok(Some(path.clone())),
+            Some(path) => bail!("--envoy {}: no such file", path.display()),
+            None => {
+                let path = envoy::default_binary();
+                if path.exists() {
+                    Ok(Some(path))
+                } else if self.asked_for("envoy") {
+                    bail!("envoy not found at {} (scripts/install-test-tools.sh, or --envoy)", path.display())
+                } else {
+                    Ok(None)
+                }
+            }
+        }
     }
 }
 
@@ -191,7 +270,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn progress(what: &str) {
+pub fn progress(what: &str) {
     eprintln!("portcullis-bench: {what}");
 }
 
@@ -238,9 +317,31 @@ fn run(args: &Args) -> anyhow::Result<()> {
     // One more than asked: the last one checks the key with the server, unmeasured.
     let cold = mint("validate-cold", args.cold_tokens + 1)?;
 
+    let envoy_binary = args.envoy_binary()?;
+    if args.selected("envoy") && envoy_binary.is_none() && !args.no_envoy {
+        notes.push(format!(
+            "envoy skipped: no envoy at {} (scripts/install-test-tools.sh installs it; or --envoy)",
+            envoy::default_binary().display()
+        ));
+    }
+    if args.selected("revocation-replicas") && !args.replicas_enabled() {
+        notes.push(
+            "revocation-replicas skipped: it needs PostgreSQL and Redis (--database-url and --redis-url, \
+             or --replicas for a temporary database)"
+                .into(),
+        );
+    }
+
     let backend = prepared.as_ref().map(Prepared::backend);
     let mut local: Option<LocalServer> = prepared.map(Prepared::start).transpose()?;
     let server_pid = local.as_ref().map(|s| s.pid).or(args.server_pid);
+    if args.database_url.is_some() || args.redis_url.is_some() {
+        notes.push(
+            "server CPU/request counts the portcullis process only: PostgreSQL's and Redis' work is \
+             not in it (on this machine, it shows under \"other\")"
+                .into(),
+        );
+    }
     if args.addr.is_some() && args.server_pid.is_none() {
         notes.push("no --server-pid: server CPU and RSS not measured".into());
     }
@@ -251,22 +352,83 @@ fn run(args: &Args) -> anyhow::Result<()> {
     };
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(threads.max(1)).enable_all().build()?;
-    let probe = Probe { server_pid, ticks_per_second: server::clock_ticks(), cpus: machine.allowed.clone() };
+    {
+        let _guard = runtime.enter();
+        server::clean_up_on_signal();
+    }
+    let probe = Probe {
+        server_pid,
+        extra_pids: Vec::new(),
+        ticks_per_second: server::clock_ticks(),
+        cpus: machine.allowed.clone(),
+    };
+    // What the validator and Envoy scenarios start next to the server.
+    let helper_binary = match (&local, &args.server_bin) {
+        (Some(server), _) => Some(server.prepared.binary().to_path_buf()),
+        (None, Some(bin)) => Some(bin.clone()),
+        (None, None) => server::default_binary().ok(),
+    };
+    let extras = Extras {
+        binary: helper_binary.clone(),
+        cpus: pinning.server_cpus(),
+        redis: local
+            .as_ref()
+            .and_then(|s| Some((s.prepared.redis_url()?.to_string(), s.prepared.redis_prefix.clone()?))),
+        envoy: envoy_binary,
+    };
 
     let mut rows = Vec::new();
     let mut storm = None;
     let mut revoked_count = 0;
+    let mut validator = None;
+    let mut envoy_summary = None;
+    let mut failures = Vec::new();
     if args.grpc_selected() {
         let addr = local.as_ref().map(|s| s.addr).or(args.addr).context("no server address")?;
-        let mut bench = Bench { args, probe: probe.clone(), channels: Vec::new(), rows: Vec::new() };
+        let mut bench = Bench {
+            args,
+            probe: probe.clone(),
+            channels: Vec::new(),
+            rows: Vec::new(),
+            extras,
+            validator: None,
+            envoy: None,
+            failures: Vec::new(),
+            notes: Vec::new(),
+        };
         let outcome = runtime.block_on(bench.run_all(addr, local.as_mut(), rotation, cold));
         let (storm_summary, revoked) = outcome?;
         rows = bench.rows;
         storm = storm_summary;
         revoked_count = revoked;
+        validator = bench.validator;
+        envoy_summary = bench.envoy;
+        failures = bench.failures;
+        notes.extend(bench.notes);
     }
     let peak_rss = server_pid.and_then(server::peak_rss_kib);
     drop(local);
+
+    // Servers of its own, once the main one is gone.
+    let mut replicas = None;
+    if args.replicas_enabled() {
+        let options = ReplicaOptions {
+            binary: helper_binary.context("no portcullis binary for the replicas (--server-bin)")?,
+            algorithm: args.algorithm,
+            database_url: args.database_url.clone().filter(|u| u.starts_with("postgres")),
+            admin_url: args.pg_admin_url.clone(),
+            redis_url: args.redis_url.clone().unwrap_or_else(|| args.replica_redis_url.clone()),
+            cpus: pinning.server_cpus(),
+            revocations: args.revocations,
+            poll: args.revocation_poll,
+            give_up: Duration::from_secs(5),
+        };
+        progress("revocation across two replicas");
+        match runtime.block_on(replicas::run(options)) {
+            Ok(summary) => replicas = Some(summary),
+            Err(error) => failures.push(format!("revocation-replicas: {error:#}")),
+        }
+    }
     drop(runtime);
 
     let mut in_process = Vec::new();
@@ -277,6 +439,11 @@ fn run(args: &Args) -> anyhow::Result<()> {
         let (costs, hit) = verify::measure(args.duration / 2, alg)?;
         in_process = costs;
         cached = Some(hit);
+    }
+    let mut lookup = None;
+    if args.selected("revocation-lookup") {
+        progress("in-process revocation lookup");
+        lookup = Some(verify::revocation_lookup(args.duration / 2)?);
     }
 
     notes.extend(legend(args, &rows, revoked_count, probe.ticks_per_second));
@@ -312,9 +479,16 @@ fn run(args: &Args) -> anyhow::Result<()> {
         },
         scenarios: rows,
         login_storm: storm,
+        ext_authz: None,
+        validator,
+        envoy: envoy_summary,
+        revocation_replicas: replicas,
         in_process,
         in_process_cached_hit: cached,
+        revocation_lookup: lookup,
         server_peak_rss_kib: peak_rss,
+        targets: Vec::new(),
+        failures: failures.clone(),
         notes,
     };
     report.compare();
@@ -323,7 +497,21 @@ fn run(args: &Args) -> anyhow::Result<()> {
         let json = serde_json::to_string_pretty(&report)?;
         std::fs::write(path, json + "\n").with_context(|| format!("cannot write {}", path.display()))?;
     }
+    if !failures.is_empty() {
+        bail!("{} scenario(s) failed: {}", failures.len(), failures.join("; "));
+    }
     Ok(())
+}
+
+/// What the validator and Envoy scenarios need besides the server.
+struct Extras {
+    /// The portcullis binary (for `serve --mode validator`).
+    binary: Option<PathBuf>,
+    /// The server's CPUs, to pin the validator and Envoy with it.
+    cpus: Option<String>,
+    /// The server's Redis URL and key prefix.
+    redis: Option<(String, String)>,
+    envoy: Option<PathBuf>,
 }
 
 /// What each scenario that ran did, and how the figures are made.
@@ -346,6 +534,12 @@ fn legend(args: &Args, rows: &[Row], revoked: usize, ticks: u64) -> Vec<String> 
             .into(),
     );
     say(
+        "ext-authz",
+        "ext_authz Check hot: envoy.service.auth.v3.Authorization/Check of a request carrying the hot \
+         token (authorization: Bearer), on the server: the same decision as ValidateToken"
+            .into(),
+    );
+    say(
         "validate-rotating",
         format!(
             "ValidateToken rotating: {} distinct live tokens round-robin (minted in process with the \
@@ -354,19 +548,19 @@ fn legend(args: &Args, rows: &[Row], revoked: usize, ticks: u64) -> Vec<String> 
         ),
     );
     say(
-        "validate-cold",
-        format!(
-            "ValidateToken cold: a token never seen on every call ({} minted): full signature \
-             verification each time",
-            args.cold_tokens
-        ),
-    );
-    say(
         "validate-revoked",
         format!(
             "ValidateToken revoked: {revoked} real tokens of {} logged-out sessions, round-robin \
              (answer: SESSION_REVOKED)",
             args.revoked_sessions
+        ),
+    );
+    say(
+        "validate-cold",
+        format!(
+            "ValidateToken cold: a token never seen on every call ({} minted): full signature \
+             verification each time",
+            args.cold_tokens
         ),
     );
     say(
@@ -388,6 +582,22 @@ fn legend(args: &Args, rows: &[Row], revoked: usize, ticks: u64) -> Vec<String> 
             args.storm_logins
         ),
     );
+    say(
+        "validator",
+        "ValidateToken validator: ValidateToken hot on `portcullis serve --mode validator` (the \
+         sidecar, pinned with the server); its CPU/request is the validator process's"
+            .into(),
+    );
+    say(
+        "envoy-ext-authz",
+        format!(
+            "Envoy+ext_authz GET / Envoy+jwt_authn GET: HTTP/1.1 keep-alive GETs with the hot token, \
+             {} connections closed loop, through Envoy (examples/envoy/envoy.yaml asking this server; \
+             examples/envoy/jwt_authn.yaml checking the token itself) to an upstream in the bench; \
+             srv CPU is Envoy's (plus Portcullis's for ext_authz)",
+            args.envoy_connections
+        ),
+    );
     lines.push(format!(
         "server CPU/request: utime+stime of the server process (all threads) from /proc/<pid>/stat \
          ({ticks} ticks/s) over the measured window, divided by the successful calls"
@@ -400,12 +610,32 @@ fn legend(args: &Args, rows: &[Row], revoked: usize, ticks: u64) -> Vec<String> 
     lines
 }
 
+/// Through Envoy: no token is refused (401), the token is let through (200).
+async fn expect_statuses(proxy: &Envoy, token: &str, what: &str) -> anyhow::Result<()> {
+    let without = envoy::status_of(proxy.listener, None).await?;
+    let with = envoy::status_of(proxy.listener, Some(token)).await?;
+    if without != 401 || with != 200 {
+        bail!(
+            "Envoy with {what} answered {without} without a token (expected 401) and {with} with one \
+             (expected 200); its log:\n{}",
+            proxy.log_tail()
+        );
+    }
+    Ok(())
+}
+
 /// The gRPC scenarios against one server.
 struct Bench<'a> {
     args: &'a Args,
     probe: Probe,
     channels: Vec<Channel>,
     rows: Vec<Row>,
+    extras: Extras,
+    validator: Option<ValidatorSummary>,
+    envoy: Option<EnvoySummary>,
+    /// Scenarios that could not run: printed with the report, then the bench fails.
+    failures: Vec<String>,
+    notes: Vec<String>,
 }
 
 impl Bench<'_> {
@@ -419,7 +649,7 @@ impl Bench<'_> {
     ) -> anyhow::Result<(Option<StormSummary>, usize)> {
         let args = self.args;
         progress(&format!("waiting for the server at {addr} to be SERVING"));
-        setup::wait_serving(addr, local, Duration::from_secs(60)).await?;
+        setup::wait_serving(addr, local.map(|l| &mut l.process), Duration::from_secs(60)).await?;
         self.channels = load::connect(addr, args.connections).await?;
         let ch = self.channels[0].clone();
 
@@ -472,11 +702,23 @@ impl Bench<'_> {
             let w = validate(TokenFeed::cycle(hot.clone()), Expect::Valid);
             self.scenario("validate-hot", "ValidateToken hot", n, None, &w, &w).await;
         }
+        if args.selected("ext-authz") {
+            let w = Arc::new(Workload::Check(Box::new(load::check_request(&hot[0]))));
+            self.scenario("ext-authz", "ext_authz Check hot", n, None, &w, &w).await;
+        }
         if let Some(tokens) = rotation {
             let prime = validate(TokenFeed::once(tokens.clone()), Expect::Valid);
             let w = validate(TokenFeed::cycle(tokens), Expect::Valid);
             self.scenario("validate-rotating", "ValidateToken rotating", n, Some(prime), &w, &w).await;
         }
+        let revoked_count = revoked.as_ref().map_or(0, |r| r.len());
+        if let Some(tokens) = revoked {
+            let prime = validate(TokenFeed::once(tokens.clone()), Expect::Revoked);
+            let w = validate(TokenFeed::cycle(tokens), Expect::Revoked);
+            self.scenario("validate-revoked", "ValidateToken revoked", n, Some(prime), &w, &w).await;
+        }
+        // Cold runs after the other ValidateToken scenarios: it fills the verified-claims
+        // cache with tokens never seen again, which changes what comes after it.
         if let Some(tokens) = cold {
             let warm = validate(TokenFeed::cycle(hot.clone()), Expect::Valid);
             let measured = validate(TokenFeed::once(tokens.clone()), Expect::Valid);
@@ -489,12 +731,6 @@ impl Bench<'_> {
                     row.seconds
                 ));
             }
-        }
-        let revoked_count = revoked.as_ref().map_or(0, |r| r.len());
-        if let Some(tokens) = revoked {
-            let prime = validate(TokenFeed::once(tokens.clone()), Expect::Revoked);
-            let w = validate(TokenFeed::cycle(tokens), Expect::Revoked);
-            self.scenario("validate-revoked", "ValidateToken revoked", n, Some(prime), &w, &w).await;
         }
         if let Some(chains) = chains {
             let k = chains.len();
@@ -510,7 +746,147 @@ impl Bench<'_> {
             let w = validate(TokenFeed::cycle(hot.clone()), Expect::Valid);
             storm_summary = Some(self.storm(&storm_account, &storm_channel, &w).await);
         }
+        if args.selected("validator") {
+            match self.validator(addr, &ch, &hot).await {
+                Ok(summary) => self.validator = Some(summary),
+                Err(error) => self.failures.push(format!("validator: {error:#}")),
+            }
+        }
+        if let Some(binary) = self.extras.envoy.clone() {
+            match self.envoy(&binary, addr, &ch, &hot[0]).await {
+                Ok(summary) => self.envoy = Some(summary),
+                Err(error) => self.failures.push(format!("envoy: {error:#}")),
+            }
+        }
         Ok((storm_summary, revoked_count))
+    }
+
+    /// `portcullis serve --mode validator` next to the server: start-up time, idle RSS, and
+    /// ValidateToken hot on it (a row of its own, CPU of the validator process).
+    async fn validator(
+        &mut self,
+        server: SocketAddr,
+        channel: &Channel,
+        hot: &Arc<Vec<String>>,
+    ) -> anyhow::Result<ValidatorSummary> {
+        let binary = self.extras.binary.clone().context("no portcullis binary for the validator")?;
+        let dir = ScratchDir::new("validator")?;
+        let jwks = setup::jwks(channel).await?;
+        let source = match &self.extras.redis {
+            Some((url, prefix)) => sidecar::Source::Central {
+                url: format!("http://{server}"),
+                redis_url: url,
+                redis_prefix: prefix,
+            },
+            None => sidecar::Source::File { jwks_json: &jwks },
+        };
+        self.probe.wait_idle().await;
+        progress("validator: start-up, idle RSS");
+        let sidecar = sidecar::start(&binary, self.extras.cpus.as_deref(), source, &dir.0).await?;
+        let channels = load::connect(sidecar.process.addr, self.args.connections).await?;
+        setup::expect_valid(&channels[0], &hot[0], "the server's token on the validator").await?;
+        let probe = self.probe.of(sidecar.process.pid, Vec::new());
+        let w = Arc::new(Workload::Validate(TokenFeed::cycle(hot.clone()), Expect::Valid));
+        let n = self.args.concurrency;
+        self.measure("validator", "ValidateToken validator", n, None, &w, &w, &channels, &probe).await;
+        let peak_rss_kib = server::peak_rss_kib(sidecar.process.pid);
+        drop(channels);
+        drop(sidecar.process);
+        Ok(ValidatorSummary {
+            setup: sidecar.setup,
+            startup_ms: sidecar.startup.as_secs_f64() * 1e3,
+            idle_rss_kib: sidecar.idle_rss_kib,
+            peak_rss_kib,
+            ..ValidatorSummary::default()
+        })
+    }
+
+    /// The same upstream behind Envoy + ext_authz (this server) and behind Envoy + jwt_authn.
+    async fn envoy(
+        &mut self,
+        binary: &std::path::Path,
+        server: SocketAddr,
+        channel: &Channel,
+        token: &str,
+    ) -> anyhow::Result<EnvoySummary> {
+        let dir = ScratchDir::new("envoy")?;
+        let cpus = self.extras.cpus.clone();
+        let upstream = envoy::upstream().await?;
+        let portcullis_pid = self.probe.server_pid;
+
+        let config = envoy::render_ext_authz(server.port(), upstream.port)?;
+        let proxy = Envoy::start(binary, cpus.as_deref(), &config, &dir.0, "ext_authz").await?;
+        expect_statuses(&proxy, token, "ext_authz").await?;
+        let ext_authz =
+            self.envoy_phase("envoy-ext-authz", "Envoy+ext_authz GET", &proxy, portcullis_pid, token).await;
+        drop(proxy);
+
+        let jwks = setup::jwks(channel).await?;
+        let tokens = portcullis::config::TokenSettings::default();
+        let config = envoy::render_jwt_authn(upstream.port, &jwks, &tokens.issuer, &tokens.audience)?;
+        let proxy = Envoy::start(binary, cpus.as_deref(), &config, &dir.0, "jwt_authn").await?;
+        expect_statuses(&proxy, token, "jwt_authn").await?;
+        let jwt_authn = self.envoy_phase("envoy-jwt-authn", "Envoy+jwt_authn GET", &proxy, None, token).await;
+        drop(proxy);
+
+        let pinning = match &cpus {
+            Some(cpus) => {
+                format!("Envoy (--concurrency 1) pinned with the server on CPU {cpus} (taskset -c)")
+            }
+            None => "Envoy not pinned (shares the CPUs)".into(),
+        };
+        Ok(EnvoySummary::new(
+            envoy::version(binary),
+            pinning,
+            self.args.envoy_connections,
+            ext_authz,
+            jwt_authn,
+        ))
+    }
+
+    /// Warms up, then measures GETs through `proxy`; CPU is Envoy's plus Portcullis's.
+    async fn envoy_phase(
+        &mut self,
+        key: &'static str,
+        name: &'static str,
+        proxy: &Envoy,
+        portcullis_pid: Option<u32>,
+        token: &str,
+    ) -> EnvoyRun {
+        let args = self.args;
+        let probe = self.probe.of(proxy.pid, portcullis_pid.into_iter().collect());
+        probe.wait_idle().await;
+        progress(name);
+        let request = envoy::get_request("/", Some(token));
+        let k = args.envoy_connections;
+        if !args.warmup().is_zero() {
+            envoy::run_phase(proxy.listener, &request, k, args.warmup()).await;
+        }
+        let envoy_before = server::cpu_ticks(proxy.pid);
+        let portcullis_before = portcullis_pid.and_then(server::cpu_ticks);
+        let before = probe.sample();
+        let phase = envoy::run_phase(proxy.listener, &request, k, args.duration).await;
+        let after = probe.sample();
+        let envoy_after = server::cpu_ticks(proxy.pid);
+        let portcullis_after = portcullis_pid.and_then(server::cpu_ticks);
+        let row = Row::new(key, name, k, phase, (before, after), &probe);
+        let per_request = |a: Option<u64>, b: Option<u64>| {
+            let ticks = b?.checked_sub(a?)?;
+            (row.requests > 0)
+                .then(|| probe.ticks_to_duration(ticks).as_secs_f64() * 1e6 / row.requests as f64)
+        };
+        let run = EnvoyRun {
+            requests: row.requests,
+            errors: row.errors,
+            requests_per_second: row.requests_per_second,
+            p50_us: row.latency.map(|l| l.p50_us),
+            p99_us: row.latency.map(|l| l.p99_us),
+            p999_us: row.latency.map(|l| l.p999_us),
+            envoy_cpu_us_per_request: per_request(envoy_before, envoy_after),
+            portcullis_cpu_us_per_request: per_request(portcullis_before, portcullis_after),
+        };
+        self.rows.push(row);
+        run
     }
 
     /// Waits for an idle server, primes (a pass over every token), warms up, then measures.
@@ -523,18 +899,35 @@ impl Bench<'_> {
         warm: &Arc<Workload>,
         measured: &Arc<Workload>,
     ) {
-        self.probe.wait_idle().await;
+        let (channels, probe) = (self.channels.clone(), self.probe.clone());
+        self.measure(key, name, concurrency, prime, warm, measured, &channels, &probe).await;
+    }
+
+    /// [`Self::scenario`] against any process: `channels` to it, `probe` reading its CPU.
+    #[allow(clippy::too_many_arguments)]
+    async fn measure(
+        &mut self,
+        key: &'static str,
+        name: &'static str,
+        concurrency: usize,
+        prime: Option<Arc<Workload>>,
+        warm: &Arc<Workload>,
+        measured: &Arc<Workload>,
+        channels: &[Channel],
+        probe: &Probe,
+    ) {
+        probe.wait_idle().await;
         progress(name);
         if let Some(prime) = prime {
-            run_phase(&self.channels, &prime, concurrency, Duration::from_secs(3600)).await;
+            run_phase(channels, &prime, concurrency, Duration::from_secs(3600)).await;
         }
         if !self.args.warmup().is_zero() {
-            run_phase(&self.channels, warm, concurrency, self.args.warmup()).await;
+            run_phase(channels, warm, concurrency, self.args.warmup()).await;
         }
-        let before = self.probe.sample();
-        let phase = run_phase(&self.channels, measured, concurrency, self.args.duration).await;
-        let after = self.probe.sample();
-        self.rows.push(Row::new(key, name, concurrency, phase, (before, after), &self.probe));
+        let before = probe.sample();
+        let phase = run_phase(channels, measured, concurrency, self.args.duration).await;
+        let after = probe.sample();
+        self.rows.push(Row::new(key, name, concurrency, phase, (before, after), probe));
     }
 
     /// ValidateToken hot, measured while Login calls loop in the background.

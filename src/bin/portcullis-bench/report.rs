@@ -6,9 +6,12 @@ use std::{fmt::Write as _, time::Duration};
 use serde::Serialize;
 
 use crate::{
+    envoy::{self, EnvoySummary},
     load::Phase,
+    replicas::{self, ReplicaSummary},
     server::{Probe, Sample},
-    verify::{AlgorithmCost, CachedCost},
+    sidecar::{self, ValidatorSummary},
+    verify::{self, AlgorithmCost, CachedCost, LookupCost},
 };
 
 #[derive(Serialize, Clone, Copy)]
@@ -161,21 +164,68 @@ pub struct RunInfo {
     pub revoked_tokens: usize,
 }
 
+/// ext_authz `Check` against `ValidateToken` on the same server.
+#[derive(Serialize)]
+pub struct ExtAuthzSummary {
+    pub cpu_us_per_request: Option<f64>,
+    pub validate_hot_cpu_us_per_request: Option<f64>,
+    pub cpu_ratio_to_validate_hot: Option<f64>,
+    pub p99_us: Option<u32>,
+    pub p999_us: Option<u32>,
+}
+
+/// One goal of the benchmark and whether this run met it (`None`: not measured).
+#[derive(Serialize)]
+pub struct TargetCheck {
+    pub what: String,
+    pub target: String,
+    pub measured: String,
+    pub met: Option<bool>,
+}
+
 #[derive(Serialize)]
 pub struct Report {
     pub machine: MachineInfo,
     pub run: RunInfo,
     pub scenarios: Vec<Row>,
     pub login_storm: Option<StormSummary>,
+    pub ext_authz: Option<ExtAuthzSummary>,
+    pub validator: Option<ValidatorSummary>,
+    pub envoy: Option<EnvoySummary>,
+    pub revocation_replicas: Option<ReplicaSummary>,
     pub in_process: Vec<AlgorithmCost>,
     pub in_process_cached_hit: Option<CachedCost>,
+    pub revocation_lookup: Option<LookupCost>,
     pub server_peak_rss_kib: Option<u64>,
+    pub targets: Vec<TargetCheck>,
+    /// Scenarios that could not run (the bench exits with an error after the report).
+    pub failures: Vec<String>,
     pub notes: Vec<String>,
 }
 
 pub const HEALTH: &str = "health";
 pub const HOT: &str = "validate-hot";
 pub const STORM: &str = "storm";
+pub const EXT_AUTHZ: &str = "ext-authz";
+pub const VALIDATOR: &str = "validator";
+
+/// Rows that are not gRPC calls to the server (HTTP through Envoy): no Health ratio.
+fn is_http(key: &str) -> bool {
+    key.starts_with("envoy-")
+}
+
+/// `1.08x`, or `n/a`.
+fn ratio_text(ratio: Option<f64>) -> String {
+    ratio.map_or("n/a".into(), |r| format!("{r:.2}x"))
+}
+
+fn met_text(met: Option<bool>) -> &'static str {
+    match met {
+        Some(true) => "met",
+        Some(false) => "NOT met",
+        None => "not measured",
+    }
+}
 
 impl Report {
     /// Fills in the ratios to Health/Check and the storm's comparison with unloaded figures.
@@ -183,7 +233,7 @@ impl Report {
         let health = self.scenarios.iter().find(|r| r.key == HEALTH);
         let base = health.and_then(|h| Some((h.latency?, h.server_cpu_us_per_request)));
         if let Some((base_latency, base_cpu)) = base {
-            for row in self.scenarios.iter_mut().filter(|r| r.key != HEALTH) {
+            for row in self.scenarios.iter_mut().filter(|r| r.key != HEALTH && !is_http(r.key)) {
                 let Some(latency) = row.latency else { continue };
                 row.vs_health = Some(Ratios {
                     // The storm's server CPU pays for the background logins too.
@@ -211,6 +261,91 @@ impl Report {
                 storm.throughput_ratio = Some(loaded.requests_per_second / hot.requests_per_second.max(1e-9));
             }
         }
+        let row = |key: &str| self.scenarios.iter().find(|r| r.key == key);
+        let cpu = |key: &str| row(key).and_then(|r| r.server_cpu_us_per_request);
+        let (hot_cpu, health_cpu) = (cpu(HOT), cpu(HEALTH));
+        if let Some(check) = row(EXT_AUTHZ) {
+            self.ext_authz = Some(ExtAuthzSummary {
+                cpu_us_per_request: check.server_cpu_us_per_request,
+                validate_hot_cpu_us_per_request: hot_cpu,
+                cpu_ratio_to_validate_hot: check.server_cpu_us_per_request.zip(hot_cpu).map(|(c, h)| c / h),
+                p99_us: check.latency.map(|l| l.p99_us),
+                p999_us: check.latency.map(|l| l.p999_us),
+            });
+        }
+        if let Some(validator) = self.validator.as_mut() {
+            let own = cpu(VALIDATOR);
+            validator.validate_hot_cpu_us_per_request = own;
+            validator.cpu_ratio_to_server_health = own.zip(health_cpu).map(|(c, h)| c / h);
+            validator.cpu_ratio_to_server_validate_hot = own.zip(hot_cpu).map(|(c, h)| c / h);
+        }
+        if let Some(lookup) = self.revocation_lookup.as_mut() {
+            lookup.percent_of_validate_hot =
+                hot_cpu.map(|h| lookup.miss_ns.max(lookup.hit_ns) / (h * 1e3) * 100.0);
+        }
+        self.targets = self.check_targets();
+    }
+
+    fn check_targets(&self) -> Vec<TargetCheck> {
+        let mut targets = Vec::new();
+        let mut add = |what: &str, target: String, measured: String, met: Option<bool>| {
+            targets.push(TargetCheck { what: what.into(), target, measured, met });
+        };
+        if let Some(e) = &self.ext_authz {
+            add(
+                "ext_authz Check CPU/request vs ValidateToken hot",
+                "<= 1.25x".into(),
+                ratio_text(e.cpu_ratio_to_validate_hot),
+                e.cpu_ratio_to_validate_hot.map(|r| r <= 1.25),
+            );
+            add(
+                "ext_authz Check p99.9",
+                "< 10ms".into(),
+                e.p999_us.map_or("n/a".into(), |us| fmt_us(f64::from(us))),
+                e.p999_us.map(|us| us < 10_000),
+            );
+        }
+        if let Some(v) = &self.validator {
+            add(
+                "validator spawn to Health SERVING",
+                format!("< {}", fmt_duration(sidecar::TARGET_STARTUP)),
+                format!("{:.1}ms", v.startup_ms),
+                Some(v.startup_ms < sidecar::TARGET_STARTUP.as_secs_f64() * 1e3),
+            );
+            add(
+                "validator idle RSS (VmRSS after 1 s)",
+                format!("< {} MiB", sidecar::TARGET_IDLE_RSS_KIB / 1024),
+                v.idle_rss_kib.map_or("n/a".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
+                v.idle_rss_kib.map(|k| k < sidecar::TARGET_IDLE_RSS_KIB),
+            );
+        }
+        if let Some(e) = &self.envoy {
+            for (what, ratio) in [("p50", e.p50_ratio), ("p99", e.p99_ratio)] {
+                add(
+                    &format!("Envoy+ext_authz {what} vs Envoy+jwt_authn {what}"),
+                    format!("<= {:.1}x", envoy::TARGET_RATIO),
+                    ratio_text(ratio),
+                    ratio.map(|r| r <= envoy::TARGET_RATIO),
+                );
+            }
+        }
+        if let Some(r) = &self.revocation_replicas {
+            add(
+                "revocation across replicas p99 (Logout on A to refusal on B)",
+                format!("<= {}", fmt_duration(replicas::TARGET_P99)),
+                r.p99_us.map_or("n/a".into(), |us| fmt_us(f64::from(us))),
+                r.p99_us.map(|us| u128::from(us) <= replicas::TARGET_P99.as_micros() && r.not_refused == 0),
+            );
+        }
+        if let Some(l) = &self.revocation_lookup {
+            add(
+                "revocation lookup vs ValidateToken hot CPU/request",
+                format!("<= {:.0}%", verify::LOOKUP_TARGET_PERCENT),
+                l.percent_of_validate_hot.map_or("n/a (validate-hot not run)".into(), |p| format!("{p:.2}%")),
+                l.percent_of_validate_hot.map(|p| p <= verify::LOOKUP_TARGET_PERCENT),
+            );
+        }
+        targets
     }
 
     pub fn render(&self) -> String {
@@ -362,6 +497,126 @@ impl Report {
             _ = writeln!(out, "  * its srv CPU/req includes the background logins' bcrypt");
         }
 
+        if let Some(e) = &self.ext_authz {
+            _ = writeln!(out);
+            _ = writeln!(
+                out,
+                "ext_authz Check (hot token in `authorization: Bearer`, on the server): CPU/request {} = {} \
+                 ValidateToken hot's {} (target <= 1.25x); p99 {}, p99.9 {} (target < 10ms)",
+                opt_us(e.cpu_us_per_request),
+                ratio_text(e.cpu_ratio_to_validate_hot),
+                opt_us(e.validate_hot_cpu_us_per_request),
+                opt_us(e.p99_us.map(f64::from)),
+                opt_us(e.p999_us.map(f64::from)),
+            );
+        }
+
+        if let Some(v) = &self.validator {
+            _ = writeln!(out);
+            _ = writeln!(out, "validator (portcullis serve --mode validator): {}", v.setup);
+            _ = writeln!(
+                out,
+                "  spawn to Health SERVING: {:.1}ms (target < {}; taskset included when pinned, polled every ~1ms)",
+                v.startup_ms,
+                fmt_duration(sidecar::TARGET_STARTUP)
+            );
+            _ = writeln!(
+                out,
+                "  idle RSS (VmRSS after 1 s): {} (target < {} MiB); peak after the load (VmHWM): {}",
+                opt_mib(v.idle_rss_kib),
+                sidecar::TARGET_IDLE_RSS_KIB / 1024,
+                opt_mib(v.peak_rss_kib)
+            );
+            _ = writeln!(
+                out,
+                "  ValidateToken hot on it: CPU/request {} = {} the server's Health/Check, {} the server's \
+                 ValidateToken hot",
+                opt_us(v.validate_hot_cpu_us_per_request),
+                ratio_text(v.cpu_ratio_to_server_health),
+                ratio_text(v.cpu_ratio_to_server_validate_hot),
+            );
+        }
+
+        if let Some(e) = &self.envoy {
+            _ = writeln!(out);
+            _ = writeln!(
+                out,
+                "Envoy {}: the same upstream, {} keep-alive HTTP/1.1 connections closed loop; {}:",
+                e.envoy_version, e.connections, e.pinning
+            );
+            _ = writeln!(
+                out,
+                "  {:<22} {:>8} {:>6} {:>8} {:>8} {:>8} {:>8} {:>14} {:>18}",
+                "",
+                "requests",
+                "errors",
+                "req/s",
+                "p50",
+                "p99",
+                "p99.9",
+                "Envoy CPU/req",
+                "Portcullis CPU/req"
+            );
+            for (name, run) in
+                [("ext_authz (Portcullis)", &e.ext_authz), ("jwt_authn (offline)", &e.jwt_authn)]
+            {
+                _ = writeln!(
+                    out,
+                    "  {:<22} {:>8} {:>6} {:>8.0} {:>8} {:>8} {:>8} {:>14} {:>18}",
+                    name,
+                    run.requests,
+                    run.errors,
+                    run.requests_per_second,
+                    opt_us(run.p50_us.map(f64::from)),
+                    opt_us(run.p99_us.map(f64::from)),
+                    opt_us(run.p999_us.map(f64::from)),
+                    opt_us(run.envoy_cpu_us_per_request),
+                    opt_us(run.portcullis_cpu_us_per_request),
+                );
+            }
+            _ = writeln!(
+                out,
+                "  ext_authz / jwt_authn: p50 {}, p99 {} (goal <= {:.1}x); jwt_authn cannot revoke: a \
+                 logged-out session's tokens pass until they expire",
+                ratio_text(e.p50_ratio),
+                ratio_text(e.p99_ratio),
+                envoy::TARGET_RATIO
+            );
+        }
+
+        if let Some(r) = &self.revocation_replicas {
+            _ = writeln!(out);
+            _ = writeln!(
+                out,
+                "revocation across replicas ({}): {} sessions, each Logout on A then ValidateToken on B every {} \
+                 until SESSION_REVOKED",
+                r.backend,
+                r.revocations,
+                fmt_us(r.poll_interval_us as f64)
+            );
+            _ = writeln!(
+                out,
+                "  Logout answer on A to first refusal on B: p50 {}, p90 {}, p99 {}, max {}, mean {}",
+                opt_us(r.p50_us.map(f64::from)),
+                opt_us(r.p90_us.map(f64::from)),
+                opt_us(r.p99_us.map(f64::from)),
+                opt_us(r.max_us.map(f64::from)),
+                opt_us(r.mean_us),
+            );
+            _ = writeln!(
+                out,
+                "  {} over 50ms, {} refused by the first ValidateToken after the Logout answer, {} not refused \
+                 within {}ms; target p99 <= 50 ms",
+                r.over_50ms, r.refused_at_first_poll, r.not_refused, r.give_up_ms
+            );
+            _ = writeln!(
+                out,
+                "  hard bound (docs/design.md, Revocation): a revocation missed while B's feed was down is \
+                 repaired once the feed notices (TCP close, or <= ~1 s: a ping every 500ms, 500ms timeout) and \
+                 resubscribes and resyncs (from 100ms); meanwhile B asks Redis on every check"
+            );
+        }
+
         if !self.in_process.is_empty() {
             _ = writeln!(out);
             _ = writeln!(
@@ -410,9 +665,43 @@ impl Report {
             }
         }
 
+        if let Some(l) = &self.revocation_lookup {
+            _ = writeln!(
+                out,
+                "revocation lookup (hot::MemoryHotState::is_session_revoked, the mirror's, {} revoked ids): \
+                 {:.0}ns not revoked, {:.0}ns revoked = {} of ValidateToken hot's server CPU/request (target \
+                 <= {:.0}%)",
+                l.revoked_ids,
+                l.miss_ns,
+                l.hit_ns,
+                l.percent_of_validate_hot.map_or("n/a (validate-hot not run)".into(), |p| format!("{p:.2}%")),
+                verify::LOOKUP_TARGET_PERCENT
+            );
+        }
+
         if let Some(kib) = self.server_peak_rss_kib {
             _ = writeln!(out);
             _ = writeln!(out, "server peak RSS (VmHWM): {:.1} MiB", kib as f64 / 1024.0);
+        }
+        if !self.targets.is_empty() {
+            _ = writeln!(out);
+            _ = writeln!(out, "targets:");
+            for t in &self.targets {
+                _ = writeln!(
+                    out,
+                    "  {:<13} {:<62} {:>12}  (target {})",
+                    met_text(t.met),
+                    t.what,
+                    t.measured,
+                    t.target
+                );
+            }
+        }
+        if !self.failures.is_empty() {
+            _ = writeln!(out);
+            for failure in &self.failures {
+                _ = writeln!(out, "FAILED {failure}");
+            }
         }
         if !self.notes.is_empty() {
             _ = writeln!(out);
@@ -437,6 +726,14 @@ pub fn fmt_us(us: f64) -> String {
     } else {
         format!("{:.2}s", us / 1e6)
     }
+}
+
+fn opt_us(us: Option<f64>) -> String {
+    us.map_or("-".into(), fmt_us)
+}
+
+fn opt_mib(kib: Option<u64>) -> String {
+    kib.map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
 }
 
 pub fn fmt_duration(d: Duration) -> String {

@@ -6,8 +6,9 @@ use std::{
     fs,
     io::Read,
     net::{SocketAddr, TcpListener},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -165,6 +166,10 @@ pub struct Prepared {
     pub data_dir: PathBuf,
     pub keys_dir: PathBuf,
     options: ServerOptions,
+    /// One pepper and one Redis key prefix for every replica started from this directory:
+    /// they share the database and the hot state.
+    pepper: String,
+    pub redis_prefix: Option<String>,
 }
 
 impl Prepared {
@@ -172,7 +177,16 @@ impl Prepared {
         let data_dir =
             std::env::temp_dir().join(format!("portcullis-bench-{}", uuid::Uuid::new_v4().simple()));
         fs::create_dir_all(&data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
-        let prepared = Prepared { keys_dir: data_dir.join("keys"), data_dir, options };
+        track_dir(&data_dir);
+        let redis_prefix =
+            options.redis_url.as_ref().map(|_| format!("bench:{}:", uuid::Uuid::new_v4().simple()));
+        let prepared = Prepared {
+            keys_dir: data_dir.join("keys"),
+            data_dir,
+            options,
+            pepper: random_pepper()?,
+            redis_prefix,
+        };
         // Operators generate keys with the binary; so does the bench (any backend).
         let out = cleared(&mut Command::new(&prepared.options.binary))
             .args(["keys", "generate", "--algorithm", &prepared.options.algorithm.to_string(), "--dir"])
@@ -195,30 +209,32 @@ impl Prepared {
         format!("{db} + {hot} hot state")
     }
 
+    pub fn redis_url(&self) -> Option<&str> {
+        self.options.redis_url.as_deref()
+    }
+
+    pub fn binary(&self) -> &Path {
+        &self.options.binary
+    }
+
     /// Starts `portcullis serve` on a free port (pinned when asked).
     pub fn start(self) -> anyhow::Result<LocalServer> {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let log = self.data_dir.join("server.log");
-        let mut command = match &self.options.cpus {
-            Some(cpus) => {
-                let mut c = Command::new("taskset");
-                c.args(["-c", cpus]).arg(&self.options.binary);
-                c
-            }
-            None => Command::new(&self.options.binary),
-        };
-        cleared(&mut command)
-            .arg("serve")
-            .envs(self.env(addr)?)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log)?);
-        let child =
-            command.spawn().with_context(|| format!("cannot start {}", self.options.binary.display()))?;
-        // taskset execs the server: the pid is the server's.
-        let pid = child.id();
-        Ok(LocalServer { child, pid, addr, log, prepared: self })
+        let process = self.spawn("server")?;
+        Ok(LocalServer { pid: process.pid, addr: process.addr, process, prepared: self })
+    }
+
+    /// Starts one more `portcullis serve` with these very settings (database, Redis and key
+    /// prefix, keys, pepper) on a port of its own, logging to `<name>.log`: a replica.
+    pub fn spawn(&self, name: &str) -> anyhow::Result<ServerProcess> {
+        let addr = free_addr()?;
+        ServerProcess::spawn(
+            &self.options.binary,
+            self.options.cpus.as_deref(),
+            &["serve"],
+            self.env(addr)?,
+            addr,
+            self.data_dir.join(format!("{name}.log")),
+        )
     }
 
     fn env(&self, addr: SocketAddr) -> anyhow::Result<Vec<(String, String)>> {
@@ -231,7 +247,7 @@ impl Prepared {
         set("LOG__FILTER", "warn".into());
         set("LOGIN__REQUIRE_VERIFIED_EMAIL", "false".into());
         set("PASSWORD__BCRYPT_COST", self.options.bcrypt_cost.to_string());
-        set("PASSWORD__PEPPER", random_pepper()?);
+        set("PASSWORD__PEPPER", self.pepper.clone());
         set("TOKENS__ACCESS_TTL", TOKEN_TTL.into());
         // The brute-force defences out of the way (as tests/api/harness.rs relax_defences):
         // the bench logs in as fast as it can, and a login storm times out in the bcrypt
@@ -260,16 +276,16 @@ impl Prepared {
                 set("ALLOW_MEMORY_HOT_STATE", "true".into());
             }
         }
-        if let Some(url) = &self.options.redis_url {
+        if let (Some(url), Some(prefix)) = (&self.options.redis_url, &self.redis_prefix) {
             set("REDIS_URL", url.clone());
-            set("REDIS__KEY_PREFIX", format!("bench:{}:", uuid::Uuid::new_v4().simple()));
+            set("REDIS__KEY_PREFIX", prefix.clone());
         }
         Ok(env)
     }
 }
 
 /// The command without any inherited `PORTCULLIS_*` variable (nor the config file they name).
-fn cleared(command: &mut Command) -> &mut Command {
+pub fn cleared(command: &mut Command) -> &mut Command {
     for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("PORTCULLIS_")) {
         command.env_remove(key);
     }
@@ -286,22 +302,52 @@ fn random_pepper() -> anyhow::Result<String> {
     Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
 }
 
-/// The running child; killed, and its data directory removed, on drop.
-pub struct LocalServer {
+/// A free port on the loopback (bound, then released: the child binds it right after).
+pub fn free_addr() -> anyhow::Result<SocketAddr> {
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+/// A `portcullis` child process (a server, a replica, a validator); killed on drop, and on
+/// SIGINT/SIGTERM (see [`clean_up_on_signal`]).
+pub struct ServerProcess {
     child: Child,
     pub pid: u32,
     pub addr: SocketAddr,
     log: PathBuf,
-    prepared: Prepared,
 }
 
-impl LocalServer {
+impl ServerProcess {
+    /// Runs `binary args…` with `env` (and no inherited `PORTCULLIS_*`), under `taskset -c
+    /// cpus` when given, stderr to `log`.
+    pub fn spawn(
+        binary: &Path,
+        cpus: Option<&str>,
+        args: &[&str],
+        env: Vec<(String, String)>,
+        addr: SocketAddr,
+        log: PathBuf,
+    ) -> anyhow::Result<ServerProcess> {
+        let mut command = pinned_command(binary, cpus);
+        cleared(&mut command)
+            .args(args)
+            .envs(env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?);
+        let child = command.spawn().with_context(|| format!("cannot start {}", binary.display()))?;
+        // taskset execs the program: the pid is the program's.
+        let pid = child.id();
+        track_pid(pid);
+        Ok(ServerProcess { child, pid, addr, log })
+    }
+
     /// `Some` once the child has exited.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
     }
 
-    /// The last lines the server logged (warnings and errors only).
+    /// The last lines the process logged (warnings and errors only).
     pub fn log_tail(&self) -> String {
         let text = fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -309,19 +355,130 @@ impl LocalServer {
     }
 }
 
-impl Drop for LocalServer {
+impl Drop for ServerProcess {
     fn drop(&mut self) {
         _ = self.child.kill();
         _ = self.child.wait();
-        _ = fs::remove_dir_all(&self.prepared.data_dir);
+        untrack_pid(self.pid);
     }
+}
+
+/// `program`, or `taskset -c cpus program` (taskset execs it: same pid).
+pub fn pinned_command(program: &Path, cpus: Option<&str>) -> Command {
+    match cpus {
+        Some(cpus) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", cpus]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+/// The main server; killed, and its data directory removed, on drop (fields drop in
+/// order: the process, then the directory).
+pub struct LocalServer {
+    pub process: ServerProcess,
+    pub pid: u32,
+    pub addr: SocketAddr,
+    pub prepared: Prepared,
 }
 
 impl Drop for Prepared {
     fn drop(&mut self) {
-        // Also when the server never started; harmless after LocalServer removed it.
+        // Also when the server never started.
         _ = fs::remove_dir_all(&self.data_dir);
+        untrack_dir(&self.data_dir);
+        if let (Some(url), Some(prefix)) = (&self.options.redis_url, &self.redis_prefix)
+            && let Err(error) = delete_redis_keys(url, prefix)
+        {
+            eprintln!("portcullis-bench: could not delete the Redis keys {prefix}*: {error:#}");
+        }
     }
+}
+
+/// Deletes every Redis key under `prefix` (the bench's own random one: no glob character).
+pub fn delete_redis_keys(url: &str, prefix: &str) -> anyhow::Result<usize> {
+    let mut conn = redis::Client::open(url)?.get_connection_with_timeout(Duration::from_secs(2))?;
+    let keys: Vec<String> = {
+        let scan = redis::Commands::scan_match::<_, String>(&mut conn, format!("{prefix}*"))?;
+        scan.collect::<Result<_, _>>()?
+    };
+    for chunk in keys.chunks(500) {
+        let _: i64 = redis::cmd("DEL").arg(chunk).query(&mut conn)?;
+    }
+    Ok(keys.len())
+}
+
+/// A temporary directory of the bench (configs, logs), removed on drop.
+pub struct ScratchDir(pub PathBuf);
+
+impl ScratchDir {
+    pub fn new(what: &str) -> anyhow::Result<ScratchDir> {
+        let dir =
+            std::env::temp_dir().join(format!("portcullis-bench-{what}-{}", uuid::Uuid::new_v4().simple()));
+        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        track_dir(&dir);
+        Ok(ScratchDir(dir))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        _ = fs::remove_dir_all(&self.0);
+        untrack_dir(&self.0);
+    }
+}
+
+/// Child processes and directories of the bench, for [`clean_up_on_signal`].
+static CLEANUP: Mutex<(Vec<u32>, Vec<PathBuf>)> = Mutex::new((Vec::new(), Vec::new()));
+
+fn cleanup() -> std::sync::MutexGuard<'static, (Vec<u32>, Vec<PathBuf>)> {
+    CLEANUP.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn track_pid(pid: u32) {
+    cleanup().0.push(pid);
+}
+
+pub fn untrack_pid(pid: u32) {
+    cleanup().0.retain(|p| *p != pid);
+}
+
+pub fn track_dir(dir: &Path) {
+    cleanup().1.push(dir.to_path_buf());
+}
+
+pub fn untrack_dir(dir: &Path) {
+    cleanup().1.retain(|d| d != dir);
+}
+
+/// On SIGINT or SIGTERM (which skip destructors), kills every child still running (servers,
+/// replicas, validator, Envoy) and removes the temporary directories before this process
+/// exits: nothing is left behind (but a temporary database: see `--replicas`). Runs on the
+/// current tokio runtime.
+pub fn clean_up_on_signal() {
+    tokio::spawn(async move {
+        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+            return;
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        let (pids, dirs) = cleanup().clone();
+        for pid in &pids {
+            if let Ok(pid) = libc::pid_t::try_from(*pid) {
+                // SAFETY: kill(2) with a pid of our own child; no memory is involved.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        for dir in &dirs {
+            _ = fs::remove_dir_all(dir);
+        }
+        eprintln!("portcullis-bench: interrupted; {} child process(es) stopped", pids.len());
+        std::process::exit(130);
+    });
 }
 
 /// The default server binary: `portcullis` next to this executable.
@@ -363,8 +520,17 @@ pub fn cpu_ticks(pid: u32) -> Option<u64> {
 
 /// Peak resident set size (VmHWM), in KiB.
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmHWM:")
+}
+
+/// Resident set size now (VmRSS), in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
+    let line = status.lines().find_map(|l| l.strip_prefix(field))?;
     line.trim().trim_end_matches("kB").trim().parse().ok()
 }
 
@@ -400,15 +566,23 @@ pub struct Sample {
 #[derive(Clone)]
 pub struct Probe {
     pub server_pid: Option<u32>,
+    /// Processes whose CPU time counts with the server's (the Portcullis behind an Envoy).
+    pub extra_pids: Vec<u32>,
     pub ticks_per_second: u64,
     pub cpus: Vec<usize>,
 }
 
 impl Probe {
+    /// The same probe for another process (a validator, an Envoy) and its helpers.
+    pub fn of(&self, pid: u32, extra_pids: Vec<u32>) -> Probe {
+        Probe { server_pid: Some(pid), extra_pids, ..self.clone() }
+    }
+
     pub fn sample(&self) -> Sample {
+        let extra: u64 = self.extra_pids.iter().filter_map(|&pid| cpu_ticks(pid)).sum();
         Sample {
             at: Instant::now(),
-            server_ticks: self.server_pid.and_then(cpu_ticks),
+            server_ticks: self.server_pid.and_then(cpu_ticks).map(|t| t + extra),
             own_ticks: cpu_ticks(std::process::id()),
             busy_ticks: busy_ticks(&self.cpus),
         }

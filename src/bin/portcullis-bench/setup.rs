@@ -11,7 +11,7 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::{load::status_text, server::LocalServer};
+use crate::{load::status_text, server::ServerProcess};
 
 const PASSWORD: &str = "a benchmark passphrase, not a common one";
 
@@ -28,7 +28,7 @@ pub fn client_context() -> pb::ClientContext {
 /// Polls Health/Check until the server answers SERVING (or its process exits).
 pub async fn wait_serving(
     addr: std::net::SocketAddr,
-    mut server: Option<&mut LocalServer>,
+    mut server: Option<&mut ServerProcess>,
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
@@ -36,7 +36,7 @@ pub async fn wait_serving(
         if let Some(server) = server.as_deref_mut()
             && let Some(status) = server.exited()
         {
-            bail!("the server exited during start-up ({status}):\n{}", server.log_tail());
+            bail!("the server at {addr} exited during start-up ({status}):\n{}", server.log_tail());
         }
         let last = match crate::load::connect(addr, 1).await {
             Ok(channels) => {
@@ -200,4 +200,14 @@ pub async fn expect_revoked(channel: &Channel, token: &str) -> anyhow::Result<()
         bail!("a logged-out session's token answered valid={} reason={:?}", answer.valid, answer.reason());
     }
     Ok(())
+}
+
+/// The server's JWK Set document (GetJwks), as `/.well-known/jwks.json` serves it.
+pub async fn jwks(channel: &Channel) -> anyhow::Result<String> {
+    Ok(AuthServiceClient::new(channel.clone())
+        .get_jwks(pb::GetJwksRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("GetJwks failed: {}", status_text(&s)))?
+        .into_inner()
+        .jwks_json)
 }

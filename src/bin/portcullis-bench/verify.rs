@@ -11,6 +11,7 @@ use std::{
 use anyhow::Context;
 use portcullis::{
     config::TokenSettings,
+    hot::{HotState, MemoryHotState},
     token::{AccessTokens, KeySet, SigningAlgorithm, access::Subject, keys::generate_key_file},
 };
 use serde::Serialize;
@@ -169,4 +170,65 @@ fn measure_in(
         }
     }
     Ok((costs, cached.expect("the cached algorithm is one of the three")))
+}
+
+/// Revoked sessions in the mirror of the revocation-lookup line.
+pub const REVOKED_IDS: usize = 10_000;
+
+/// The in-process revocation check, as every ValidateToken makes it.
+#[derive(Serialize)]
+pub struct LookupCost {
+    pub revoked_ids: usize,
+    pub iterations: u64,
+    /// `is_session_revoked` of a session that is not revoked (a valid token's check), ns.
+    pub miss_ns: f64,
+    /// The same for a revoked one, ns.
+    pub hit_ns: f64,
+    /// The dearer of the two against ValidateToken hot's server CPU per request.
+    pub percent_of_validate_hot: Option<f64>,
+}
+
+/// The target: the revocation lookup at most this share of ValidateToken hot's CPU.
+pub const LOOKUP_TARGET_PERCENT: f64 = 5.0;
+
+/// `MemoryHotState::is_session_revoked` (what the Redis revocation mirror answers from) over
+/// a set of [`REVOKED_IDS`] revoked sessions: 1024 other ids in turn (misses), and the
+/// revoked ones in turn (hits), each for `budget / 2`. The future is polled once by hand:
+/// it never waits.
+pub fn revocation_lookup(budget: Duration) -> anyhow::Result<LookupCost> {
+    let mirror = MemoryHotState::new();
+    let revoked: Vec<Uuid> = (0..REVOKED_IDS).map(|_| Uuid::new_v4()).collect();
+    for id in &revoked {
+        ready(mirror.revoke_session(*id, Duration::from_secs(3600)))?;
+    }
+    let others: Vec<Uuid> = (0..1024).map(|_| Uuid::new_v4()).collect();
+    anyhow::ensure!(ready(mirror.is_session_revoked(revoked[0]))?, "a revoked id is not found");
+    anyhow::ensure!(!ready(mirror.is_session_revoked(others[0]))?, "an id never revoked is found");
+
+    let mut i = 0usize;
+    let (misses, spent_miss) = time_loop(budget / 2, || {
+        i = i.wrapping_add(1);
+        black_box(ready(mirror.is_session_revoked(black_box(others[i % others.len()]))).ok());
+    });
+    let mut j = 0usize;
+    let (hits, spent_hit) = time_loop(budget / 2, || {
+        j = j.wrapping_add(1);
+        black_box(ready(mirror.is_session_revoked(black_box(revoked[j % revoked.len()]))).ok());
+    });
+    Ok(LookupCost {
+        revoked_ids: REVOKED_IDS,
+        iterations: misses + hits,
+        miss_ns: spent_miss.as_nanos() as f64 / misses as f64,
+        hit_ns: spent_hit.as_nanos() as f64 / hits as f64,
+        percent_of_validate_hot: None,
+    })
+}
+
+/// The output of a future that is ready at its first poll (the in-memory hot state's).
+fn ready<T>(future: impl std::future::Future<Output = T>) -> T {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::pin!(future).poll(&mut cx) {
+        std::task::Poll::Ready(value) => value,
+        std::task::Poll::Pending => panic!("the in-memory hot state never waits"),
+    }
 }
