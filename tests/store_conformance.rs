@@ -119,6 +119,7 @@ conformance!(
     purge_login_guards_keeps_recent_and_locked,
     delete_user_deletes_guards_and_second_factors,
     mfa_challenge_create_find_expire_consume,
+    expired_mfa_challenges_are_purged,
     concurrent_challenge_consumers_spend_once,
     newer_challenge_kills_the_users_older_ones,
     activate_totp_is_compare_and_swap,
@@ -2072,6 +2073,22 @@ mod cases {
         // Unknown.
         assert_eq!(store.find_mfa_challenge(&random_hash(), t).await.unwrap(), None);
         assert!(!store.consume_mfa_challenge(Uuid::new_v4(), t).await.unwrap());
+    }
+
+    pub async fn expired_mfa_challenges_are_purged(store: DynStore) {
+        let t = now();
+        let early = new_challenge(user(&store, "early").await.id, MfaMethod::EmailOtp, t);
+        let late = new_challenge(user(&store, "late").await.id, MfaMethod::Totp, t + Duration::minutes(10));
+        for challenge in [&early, &late] {
+            create_challenge(&store, challenge).await;
+        }
+        // Nothing has expired before `early` does.
+        assert_eq!(store.purge_mfa_challenges(early.expires_at).await.unwrap(), 0);
+        assert!(find_challenge(&store, &early, t).await.is_some());
+        // Past it, only `early` goes.
+        assert_eq!(store.purge_mfa_challenges(early.expires_at + Duration::seconds(1)).await.unwrap(), 1);
+        assert_eq!(find_challenge(&store, &early, t).await, None);
+        assert!(find_challenge(&store, &late, t + Duration::minutes(10)).await.is_some());
     }
 
     pub async fn concurrent_challenge_consumers_spend_once(store: DynStore) {

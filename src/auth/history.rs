@@ -113,6 +113,11 @@ impl Auth {
                     .map(|l| l.window.max(l.max_lockout))
                     .max()
                     .unwrap_or_default();
+            match self.store.purge_mfa_challenges(OffsetDateTime::now_utc()).await {
+                Ok(0) => {}
+                Ok(purged) => tracing::info!(purged, "expired MFA challenges deleted"),
+                Err(error) => tracing::warn!(error = ?error, "cannot purge MFA challenges"),
+            }
             match self.store.purge_login_guards(OffsetDateTime::now_utc() - horizon).await {
                 Ok(0) => {}
                 Ok(purged) => tracing::info!(purged, "stale login guards deleted"),

@@ -160,6 +160,10 @@ pub trait Store: Send + Sync + 'static {
     /// it (retention): what is left of them is forgotten anyway. Returns how many.
     async fn purge_login_guards(&self, cutoff: OffsetDateTime) -> Result<u64, StoreError>;
 
+    /// Deletes MFA challenges that expired before `cutoff` (used or not): once expired they
+    /// can never be answered, and only their count would grow. Returns how many.
+    async fn purge_mfa_challenges(&self, cutoff: OffsetDateTime) -> Result<u64, StoreError>;
+
     /// The live (not consumed, `expires_at > now`) challenge with this token hash.
     async fn find_mfa_challenge(
         &self,

@@ -593,6 +593,14 @@ impl Store for SqliteStore {
         Ok(purged.rows_affected())
     }
 
+    async fn purge_mfa_challenges(&self, cutoff: OffsetDateTime) -> Result<u64, StoreError> {
+        let purged = sqlx::query("DELETE FROM mfa_challenges WHERE expires_at < $1")
+            .bind(micros(cutoff))
+            .execute(&self.pool)
+            .await?;
+        Ok(purged.rows_affected())
+    }
+
     async fn find_mfa_challenge(
         &self,
         token_hash: &[u8],
