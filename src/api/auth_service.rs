@@ -136,7 +136,7 @@ impl AuthService for AuthApi {
     }
 }
 
-fn jwks_response(jwks: &crate::token::keys::Jwks) -> pb::GetJwksResponse {
+pub(super) fn jwks_response(jwks: &crate::token::keys::Jwks) -> pb::GetJwksResponse {
     let keys = jwks
         .keys
         .iter()

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::{
-    auth_service::validation_response,
+    auth_service::{jwks_response, validation_response},
     pb::{self, auth_service_server::AuthService},
     status::to_status,
 };
-use crate::{auth::ValidatesTokens, validator::Validator};
+use crate::{auth::ValidatesTokens, token::keys::Jwks, validator::Validator};
 
 pub struct ValidatorAuthApi {
     validator: Arc<Validator>,
@@ -25,33 +25,6 @@ impl ValidatorAuthApi {
 
 fn central_only() -> Status {
     Status::unimplemented("this is a Portcullis validator (sidecar): call the central instance for this")
-}
-
-/// The structured keys of a JWK Set document (public members only, as served).
-fn jwks_keys(jwks_json: &str) -> Vec<pb::Jwk> {
-    let document: serde_json::Value = serde_json::from_str(jwks_json).unwrap_or_default();
-    let text = |key: &serde_json::Value, name: &str| {
-        key.get(name).and_then(|v| v.as_str()).unwrap_or_default().to_string()
-    };
-    document
-        .get("keys")
-        .and_then(|keys| keys.as_array())
-        .map(|keys| {
-            keys.iter()
-                .map(|k| pb::Jwk {
-                    kty: text(k, "kty"),
-                    kid: text(k, "kid"),
-                    r#use: text(k, "use"),
-                    alg: text(k, "alg"),
-                    n: text(k, "n"),
-                    e: text(k, "e"),
-                    crv: text(k, "crv"),
-                    x: text(k, "x"),
-                    y: text(k, "y"),
-                })
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 #[tonic::async_trait]
@@ -69,8 +42,12 @@ impl AuthService for ValidatorAuthApi {
         &self,
         _request: Request<pb::GetJwksRequest>,
     ) -> Result<Response<pb::GetJwksResponse>, Status> {
+        // The set as loaded, structured as the server does it; a set with members of other
+        // shapes (another issuer's keys in a shared file) is still served as a document.
         let jwks_json = self.validator.jwks();
-        let keys = jwks_keys(&jwks_json);
+        let keys = serde_json::from_str::<Jwks>(&jwks_json)
+            .map(|jwks| jwks_response(&jwks).keys)
+            .unwrap_or_default();
         Ok(Response::new(pb::GetJwksResponse { jwks_json, keys }))
     }
 

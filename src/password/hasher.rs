@@ -51,8 +51,6 @@ pub struct Verified {
 pub enum HashError {
     #[error("bcrypt failed")]
     Bcrypt(#[from] bcrypt::BcryptError),
-    #[error("hashing task failed")]
-    Join(#[from] tokio::task::JoinError),
     #[error("pepper must be at least 32 bytes")]
     WeakPepper,
     /// The bcrypt threads are gone (could not start, or panicked).

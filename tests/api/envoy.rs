@@ -7,7 +7,7 @@
 //! tool is a failure.
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -128,27 +128,10 @@ fn token_with_roles(app: &TestApp, user_id: &str, session_id: &str, roles: &[&st
 
 /// The installed envoy. Otherwise panics under CI, else reports the test as skipped.
 fn envoy_or_skip() -> Option<PathBuf> {
-    let tools = std::env::var("PORTCULLIS_TOOLS_DIR")
-        .ok()
-        .filter(|dir| !dir.trim().is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/portcullis/tools")
-        });
-    let envoy = tools.join("bin/envoy");
-    if envoy.exists() {
-        return Some(envoy);
-    }
-    if std::env::var("CI").is_ok_and(|ci| !ci.trim().is_empty()) {
-        panic!("envoy is not installed at {} (CI must run scripts/install-test-tools.sh)", envoy.display());
-    }
-    let test = std::thread::current().name().unwrap_or("the Envoy test").to_string();
-    // Straight to the process's stderr, like `support::skip`, so it is seen.
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED {test}: envoy not installed (run scripts/install-test-tools.sh)"
-    );
-    None
+    crate::support::installed_tool(
+        "envoy",
+        Some(crate::support::tools_dir().join("bin/envoy")).filter(|e| e.exists()),
+    )
 }
 
 /// A process killed (and reaped) on drop.

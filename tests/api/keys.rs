@@ -5,10 +5,9 @@
 
 use std::{
     collections::BTreeSet,
-    io::Write,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
 };
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
@@ -252,33 +251,7 @@ async fn rotation_keeps_old_tokens_until_their_key_is_removed(backend: Backend) 
 /// The venv's Python when PyJWT is installed in it. Otherwise panics under CI, else reports
 /// the test as skipped and returns `None`.
 fn pyjwt_python() -> Option<PathBuf> {
-    let tools = std::env::var("PORTCULLIS_TOOLS_DIR")
-        .ok()
-        .filter(|dir| !dir.trim().is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/portcullis/tools")
-        });
-    let python = tools.join("venv/bin/python");
-    let installed = python.exists()
-        && Command::new(&python)
-            .args(["-c", "import jwt, cryptography"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|status| status.success());
-    if installed {
-        return Some(python);
-    }
-    if std::env::var("CI").is_ok_and(|ci| !ci.trim().is_empty()) {
-        panic!("PyJWT is not installed in {} (CI must run scripts/install-test-tools.sh)", python.display());
-    }
-    let test = std::thread::current().name().unwrap_or("the PyJWT test").to_string();
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED {test}: PyJWT not installed (run scripts/install-test-tools.sh)"
-    );
-    None
+    crate::support::installed_tool("PyJWT", crate::support::venv_python_with("jwt, cryptography"))
 }
 
 /// Runs verify_jwt.py expecting `audience` (the issuer is the server's); Ok(its JSON) when

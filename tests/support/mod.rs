@@ -59,6 +59,52 @@ pub fn skip(what: &str) {
     let _ = writeln!(std::io::stderr(), "SKIPPED {what}{why}");
 }
 
+/// Where scripts/install-test-tools.sh installs (`PORTCULLIS_TOOLS_DIR`, else
+/// `~/.cache/portcullis/tools`).
+#[allow(dead_code)]
+pub fn tools_dir() -> std::path::PathBuf {
+    env("PORTCULLIS_TOOLS_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| {
+        std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/portcullis/tools")
+    })
+}
+
+/// The tools venv's Python when `import <modules>` works in it.
+#[allow(dead_code)]
+pub fn venv_python_with(modules: &str) -> Option<std::path::PathBuf> {
+    let python = tools_dir().join("venv/bin/python");
+    let installed = python.exists()
+        && std::process::Command::new(&python)
+            .args(["-c", &format!("import {modules}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+    installed.then_some(python)
+}
+
+/// `found`, a tool the project's script installs (`what` names it). Missing: under CI the
+/// test fails (CI installs it), elsewhere the current test is reported SKIPPED.
+#[allow(dead_code)]
+pub fn installed_tool<T>(what: &str, found: Option<T>) -> Option<T> {
+    if found.is_some() {
+        return found;
+    }
+    if std::env::var("CI").is_ok_and(|ci| !ci.trim().is_empty()) {
+        panic!(
+            "{what} is not installed in {} (CI must run scripts/install-test-tools.sh)",
+            tools_dir().display()
+        );
+    }
+    // The test harness names each test's thread after the test; straight to stderr, like
+    // `skip`, so it is seen.
+    let test = std::thread::current().name().unwrap_or("a test").to_string();
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: {what} not installed (run scripts/install-test-tools.sh)"
+    );
+    None
+}
+
 fn env(var: &str) -> Option<String> {
     std::env::var(var).ok().filter(|value| !value.trim().is_empty())
 }

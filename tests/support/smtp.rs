@@ -5,7 +5,7 @@
 //! Without the venv, [`SmtpSink::start`] says the test was skipped and returns `None`,
 //! except under CI (`CI` set), where a missing tool is a failure.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -198,38 +198,7 @@ pub fn parse_eml(path: &Path) -> Option<ReceivedMail> {
 /// The venv's Python when aiosmtpd is installed. Otherwise panics under CI, else reports
 /// the current test as skipped and returns `None`.
 fn python_or_skip() -> Option<PathBuf> {
-    let tools = std::env::var("PORTCULLIS_TOOLS_DIR")
-        .ok()
-        .filter(|dir| !dir.trim().is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/portcullis/tools")
-        });
-    let python = tools.join("venv/bin/python");
-    let installed = python.exists()
-        && Command::new(&python)
-            .args(["-c", "import aiosmtpd"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|status| status.success());
-    if installed {
-        return Some(python);
-    }
-    if std::env::var("CI").is_ok_and(|ci| !ci.trim().is_empty()) {
-        panic!(
-            "aiosmtpd is not installed in {} (CI must run scripts/install-test-tools.sh)",
-            python.display()
-        );
-    }
-    // The test harness names each test's thread after the test.
-    let test = std::thread::current().name().unwrap_or("a mail test").to_string();
-    // Straight to the process's stderr, like `support::skip`, so it is seen.
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED {test}: aiosmtpd not installed (run scripts/install-test-tools.sh)"
-    );
-    None
+    super::installed_tool("aiosmtpd", super::venv_python_with("aiosmtpd"))
 }
 
 fn read_mail(path: &Path) -> ReceivedMail {
