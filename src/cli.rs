@@ -76,11 +76,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve { mode: Mode::Server }) {
         Command::Serve { mode: Mode::Server } => {
             let app = Application::build(settings).await?;
-            app.run(startup::shutdown_signal()).await
+            let result = app.run(startup::shutdown_signal()).await;
+            // Flushing may wait on the collector: off the async workers.
+            _ = tokio::task::spawn_blocking(telemetry::shutdown).await;
+            result
         }
         Command::Serve { mode: Mode::Validator } => {
             let app = ValidatorApp::build(settings).await?;
-            app.run(startup::shutdown_signal()).await
+            let result = app.run(startup::shutdown_signal()).await;
+            // Flushing may wait on the collector: off the async workers.
+            _ = tokio::task::spawn_blocking(telemetry::shutdown).await;
+            result
         }
         Command::Migrate => {
             let store = startup::connect_store(&settings).await?;

@@ -192,8 +192,8 @@ pub struct MfaSettings {
 #[serde(default)]
 pub struct MailSettings {
     /// `smtp://`, `smtps://` (implicit TLS) or `smtp://…?tls=required` (STARTTLS), with
-    /// credentials in the URL. Unset: mail is written as `.eml` files to `mail.dir` and its
-    /// links are logged (embedded default).
+    /// credentials in the URL. Unset: mail is written as `.eml` files to `mail.dir` and their
+    /// paths are logged (embedded default; links are never logged: they carry tokens).
     pub smtp_url: Option<String>,
     /// Where `.eml` files go without SMTP. Unset: `<data_dir>/mail`.
     pub dir: Option<PathBuf>,
@@ -245,6 +245,43 @@ pub struct ServerSettings {
     pub ops_enabled: bool,
     /// Its address (port 0: any free port).
     pub ops_listen: SocketAddr,
+    /// gRPC over TLS (and mutual TLS): off (plaintext) unless `cert_file` and `key_file` are set.
+    pub tls: TlsSettings,
+}
+
+/// `[server.tls]`: certificate files as mounted from a Kubernetes Secret (cert-manager),
+/// read again whenever their content changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TlsSettings {
+    /// The server's certificate chain (PEM, leaf first). With `key_file`, turns TLS on.
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PEM: PKCS#8, PKCS#1 RSA or SEC1 EC).
+    pub key_file: Option<PathBuf>,
+    /// CA certificates (PEM). When set, mutual TLS: a client must present a certificate
+    /// issued by one of them, or the handshake fails.
+    pub client_ca_file: Option<PathBuf>,
+    /// How often the files are read again; a changed content is loaded for new connections.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        TlsSettings {
+            cert_file: None,
+            key_file: None,
+            client_ca_file: None,
+            reload_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+impl TlsSettings {
+    /// The certificate and key files, when TLS is on.
+    pub fn files(&self) -> Option<(&std::path::Path, &std::path::Path)> {
+        Some((self.cert_file.as_deref()?, self.key_file.as_deref()?))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -342,13 +379,18 @@ pub struct PasswordSettings {
 pub struct LogSettings {
     /// `RUST_LOG`-style filter.
     pub filter: String,
-    /// `text` or `json`.
+    /// `auto` (JSON lines unless stdout is a terminal), `text` or `json`.
     pub format: LogFormat,
+    /// OTLP/gRPC collector for trace export, e.g. `http://otel-collector:4317` (builds with
+    /// the `otlp` cargo feature only; the SDK's `OTEL_*` variables work too).
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    /// JSON when stdout is not a terminal (a container, a service manager), text when it is.
+    Auto,
     Text,
     Json,
 }
@@ -388,6 +430,7 @@ impl Default for ServerSettings {
             request_timeout: Duration::from_secs(30),
             ops_enabled: true,
             ops_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -536,7 +579,7 @@ impl Default for MailSettings {
 
 impl Default for LogSettings {
     fn default() -> Self {
-        LogSettings { filter: "info".into(), format: LogFormat::Text }
+        LogSettings { filter: "info".into(), format: LogFormat::Auto, otlp_endpoint: None }
     }
 }
 
@@ -684,6 +727,19 @@ impl Settings {
         if !(5..=20).contains(&self.mfa.recovery_codes) {
             return invalid("mfa.recovery_codes must be between 5 and 20");
         }
+        let tls = &self.server.tls;
+        match (&tls.cert_file, &tls.key_file) {
+            (Some(_), None) | (None, Some(_)) => {
+                return invalid("server.tls needs both cert_file and key_file (or neither: plaintext)");
+            }
+            (None, None) if tls.client_ca_file.is_some() => {
+                return invalid("server.tls.client_ca_file (mutual TLS) needs cert_file and key_file too");
+            }
+            _ => {}
+        }
+        if tls.reload_interval < Duration::from_millis(10) {
+            return invalid("server.tls.reload_interval must be at least 10ms");
+        }
         if self.database_url().starts_with("postgres")
             && self.redis_url.is_none()
             && !self.allow_memory_hot_state
@@ -717,6 +773,7 @@ impl Settings {
         shown.database_url = Some(redact_url(&self.database_url()));
         shown.redis_url = self.redis_url.as_deref().map(redact_url);
         shown.mail.smtp_url = self.mail.smtp_url.as_deref().map(redact_url);
+        shown.log.otlp_endpoint = self.log.otlp_endpoint.as_deref().map(redact_url);
         if shown.password.pepper.is_some() {
             shown.password.pepper = Some("<redacted>".into());
         }
@@ -812,6 +869,48 @@ mod tests {
         let mut settings = Settings::default();
         settings.login.account_lockout.max_failures = 101;
         assert!(settings.validate().unwrap_err().to_string().contains("account_lockout"));
+    }
+
+    #[test]
+    fn tls_needs_both_certificate_and_key() {
+        let mut settings = Settings::default();
+        assert_eq!(settings.server.tls.files(), None, "plaintext by default");
+        settings.server.tls.cert_file = Some("/tls/tls.crt".into());
+        let error = settings.validate().unwrap_err().to_string();
+        assert!(error.contains("cert_file and key_file"), "{error}");
+        settings.server.tls.cert_file = None;
+        settings.server.tls.key_file = Some("/tls/tls.key".into());
+        assert!(settings.validate().is_err());
+        settings.server.tls.key_file = None;
+        settings.server.tls.client_ca_file = Some("/tls/ca.crt".into());
+        assert!(settings.validate().unwrap_err().to_string().contains("client_ca_file"));
+        settings.server.tls.cert_file = Some("/tls/tls.crt".into());
+        settings.server.tls.key_file = Some("/tls/tls.key".into());
+        settings.validate().unwrap();
+        settings.server.tls.reload_interval = Duration::ZERO;
+        assert!(settings.validate().unwrap_err().to_string().contains("reload_interval"));
+    }
+
+    #[test]
+    fn tls_is_a_table_of_the_server_section() {
+        let toml = r#"
+            [server.tls]
+            cert_file = "/tls/tls.crt"
+            key_file = "/tls/tls.key"
+            client_ca_file = "/tls/ca.crt"
+            reload_interval = "30s"
+        "#;
+        let settings: Settings = Figment::from(Serialized::defaults(Settings::default()))
+            .merge(Toml::string(toml))
+            .extract()
+            .unwrap();
+        settings.validate().unwrap();
+        let tls = &settings.server.tls;
+        assert_eq!(tls.files(), Some(("/tls/tls.crt".as_ref(), "/tls/tls.key".as_ref())));
+        assert_eq!(tls.client_ca_file.as_deref(), Some("/tls/ca.crt".as_ref()));
+        assert_eq!(tls.reload_interval, Duration::from_secs(30));
+        // `config check` prints it back in the same shape.
+        assert!(settings.redacted_toml().contains("[server.tls]"));
     }
 
     #[test]

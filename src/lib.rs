@@ -3,7 +3,8 @@
 //! Layers (see `docs/design.md`): [`api`] adapts gRPC to the [`auth`] flows, which use
 //! durable state through [`store`] and shared ephemeral state through [`hot`]. Beside them:
 //! [`token`] (signing keys, JWTs), [`password`] (hashing, policy), [`config`],
-//! [`telemetry`]. [`startup`] wires them into a running server.
+//! [`telemetry`] (logs) and [`metrics`] (Prometheus). [`startup`] wires them into a running
+//! server.
 
 pub mod api;
 pub mod auth;
@@ -12,6 +13,7 @@ pub mod config;
 pub mod geo;
 pub mod hot;
 pub mod mail;
+pub mod metrics;
 pub mod mfa;
 #[cfg(feature = "client")]
 pub mod middleware;

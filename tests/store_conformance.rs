@@ -96,6 +96,7 @@ conformance!(
     released_mail_is_due_at_once_without_an_attempt,
     devices_are_new_once_and_the_first_is_marked,
     purge_outbox_deletes_only_old_finished_mail,
+    count_pending_outbox_counts_unsent_and_unabandoned_mail,
     claim_limit_oldest_first,
     mail_failed_retries_then_gives_up,
     concurrent_claimers_never_share_a_mail,
@@ -737,6 +738,26 @@ mod cases {
             vec![pending.id],
             "pending mail stays"
         );
+    }
+
+    pub async fn count_pending_outbox_counts_unsent_and_unabandoned_mail(store: DynStore) {
+        assert_eq!(store.count_pending_outbox().await.unwrap(), 0);
+        let t = now();
+        let mails: Vec<_> = (0..5).map(|_| new_mail(None, t)).collect();
+        for mail in &mails {
+            enqueue(&store, mail).await;
+        }
+        // A rolled-back mail does not count.
+        let mut tx = store.begin().await.unwrap();
+        tx.enqueue_mail(&new_mail(None, t)).await.unwrap();
+        drop(tx);
+        assert_eq!(store.count_pending_outbox().await.unwrap(), 5);
+        // Claimed (leased) and retrying mail is still pending; sent and given-up is not.
+        assert_eq!(store.claim_due_mail(t, 3, LEASE).await.unwrap().len(), 3);
+        store.mail_sent(mails[0].id, t).await.unwrap();
+        store.mail_failed(mails[1].id, "550 no such user", None).await.unwrap();
+        store.mail_failed(mails[2].id, "421 later", Some(t + Duration::minutes(5))).await.unwrap();
+        assert_eq!(store.count_pending_outbox().await.unwrap(), 3);
     }
 
     /// One sighting, as the flow makes it: user row locked, then the device noted.

@@ -170,6 +170,7 @@ impl Auth {
         let user = self.lock_unchanged(&mut tx, &verified, "password").await?;
         let revoked = tx.delete_user(user.id, now_micros()).await?;
         tx.commit().await?;
+        crate::metrics::revoked(crate::store::RevokeReason::AccountDeleted.as_str(), revoked.len());
         tracing::info!(user_id = %user.id, sessions = revoked.len(), "account deleted");
         self.publish_committed(&revoked).await;
         Ok(())

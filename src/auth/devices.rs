@@ -95,6 +95,7 @@ impl Auth {
         let to = spent.new_email.unwrap_or_else(|| user.email.clone());
         self.queue_reset_link(&mut tx, &user, &to, client).await?;
         self.commit_with_mail(tx).await?;
+        crate::metrics::revoked(RevokeReason::LoginDisowned.as_str(), revoked.len());
         tracing::warn!(user_id = %user.id, sessions = revoked.len(), "login disowned by the account owner");
         self.publish_committed(&revoked).await;
         Ok(())

@@ -73,6 +73,16 @@ fn key(subject: String, scope: String, user_id: Option<Uuid>) -> GuardKey {
     GuardKey { subject, scope, user_id }
 }
 
+/// The `budget` label of `portcullis_lockouts_total`: the scope without its device key.
+fn budget_name(scope: &str) -> &'static str {
+    match scope {
+        "account" => "account",
+        "otp" => "second_factor",
+        scope if scope.starts_with("device:") => "known_device",
+        _ => "other",
+    }
+}
+
 impl Auth {
     /// Counts a try against `guard` before its secret is checked, or says how long to wait.
     pub(crate) async fn reserve_try(&self, guard: &Guard) -> Result<Result<Reserved, Duration>, AuthError> {
@@ -97,7 +107,10 @@ impl Auth {
         let lock_for = guard.policy.duration_after(reserved.lockouts);
         let now = OffsetDateTime::now_utc();
         match self.store.lock_guard(&guard.key, now + lock_for, now).await {
-            Ok(true) => Some(lock_for),
+            Ok(true) => {
+                crate::metrics::lockout(budget_name(&guard.key.scope));
+                Some(lock_for)
+            }
             Ok(false) => None,
             Err(error) => {
                 // The budget stays used up (Exhausted) until its window ends: still closed.

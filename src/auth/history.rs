@@ -23,7 +23,8 @@ pub struct HistoryPage {
 }
 
 impl Auth {
-    /// Records an attempt. Recording must not decide the login: a failure is logged.
+    /// Records an attempt (and counts it in `portcullis_logins_total`, by its reason).
+    /// Recording must not decide the login: a failure is logged.
     pub(crate) async fn record_attempt(
         &self,
         identifier: &str,
@@ -32,6 +33,7 @@ impl Auth {
         reason: &str,
         client: &ClientInfo,
     ) {
+        crate::metrics::login(crate::metrics::LoginOutcome::from_reason(reason));
         let attempt = NewLoginAttempt {
             id: Uuid::now_v7(),
             at: now_micros(),

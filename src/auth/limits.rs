@@ -90,11 +90,34 @@ impl Limiter {
     }
 }
 
+/// Counts a refusal in `portcullis_rate_limited_total`.
 fn verdict(decision: LimitDecision, counted: Counted) -> Verdict {
     match decision {
         LimitDecision::Allowed { .. } => Verdict::Allowed(counted),
-        LimitDecision::Denied { retry_after } => Verdict::Denied { retry_after },
+        LimitDecision::Denied { retry_after } => {
+            crate::metrics::rate_limited(limit_name(&counted.key));
+            Verdict::Denied { retry_after }
+        }
     }
+}
+
+/// The `limit` label of `portcullis_rate_limited_total`: the setting a key's prefix belongs
+/// to (never the key itself, which names an address or an account).
+fn limit_name(key: &str) -> &'static str {
+    const PREFIXES: &[(&str, &str)] = &[
+        ("login:ip:", "ip_block"),
+        ("login:client:", "client_throttle"),
+        ("register:ip:", "register_per_ip"),
+        ("forgot:ip:", "forgot_password_per_ip"),
+        ("forgot:id:", "forgot_password_per_account"),
+        ("forgot:user:", "forgot_password_per_account"),
+        ("resend:ip:", "resend_verification_per_ip"),
+        ("resend:email:", "resend_verification_per_account"),
+        ("mfa:challenge:", "verify_mfa_per_challenge"),
+        ("mfa:mail:user:", "login_codes_per_account"),
+        ("alerts:user:", "new_device_alerts_per_account"),
+    ];
+    PREFIXES.iter().find(|(prefix, _)| key.starts_with(prefix)).map_or("other", |(_, name)| name)
 }
 
 /// A key part naming an identifier or address without writing it into Redis: hex of the
@@ -157,6 +180,17 @@ pub(crate) fn ip_part(ip: Option<std::net::IpAddr>) -> String {
 #[cfg(test)]
 mod tests {
     use super::ip_part;
+
+    #[test]
+    fn limit_keys_are_named_by_their_setting() {
+        use super::limit_name;
+        assert_eq!(limit_name("login:ip:203.0.113.7"), "ip_block");
+        assert_eq!(limit_name("login:client:none:abcd"), "client_throttle");
+        assert_eq!(limit_name("forgot:user:0190"), "forgot_password_per_account");
+        assert_eq!(limit_name("mfa:mail:user:0190"), "login_codes_per_account");
+        assert_eq!(limit_name("mfa:challenge:0190"), "verify_mfa_per_challenge");
+        assert_eq!(limit_name("something:new"), "other");
+    }
 
     #[test]
     fn addresses_are_keyed_by_what_one_client_holds() {

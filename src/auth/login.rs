@@ -83,6 +83,7 @@ impl Auth {
             Ok(counts) => counts,
             Err(retry_after) => {
                 tracing::info!("login refused: address blocked or throttled");
+                crate::metrics::login(crate::metrics::LoginOutcome::Throttled);
                 return Err(AuthError::TooManyAttempts { retry_after });
             }
         };
@@ -138,6 +139,7 @@ impl Auth {
             return Err(AuthError::EmailNotVerified);
         }
         if user.totp_enabled || user.email_otp_enabled {
+            crate::telemetry::record_user_id(user.id);
             let challenge = self.start_mfa(&user, client).await?;
             self.record_attempt(typed, Some(user.id), AttemptOutcome::Failure, "mfa_required", client).await;
             tracing::info!(user_id = %user.id, "password right: second factor required");
@@ -203,6 +205,7 @@ impl Auth {
             .await?;
         let tokens = self.issue_tokens(&user, &session, refresh_token, now)?;
         self.note_device(&user, client);
+        crate::telemetry::record_user_id(user.id);
         tracing::info!(user_id = %user.id, session_id = %session.id, "login succeeded");
         Ok(LoginOutcome { user, session, tokens })
     }

@@ -46,12 +46,14 @@ impl Auth {
             return;
         };
         let auth = self.clone();
-        tokio::spawn(async move {
+        // In the calling RPC's span, so the job's lines carry its request id.
+        let job = async move {
             let _permit = permit;
             if let Err(error) = job(auth).await {
                 tracing::warn!(what, error = ?error, "background job failed");
             }
-        });
+        };
+        tokio::spawn(tracing::Instrument::instrument(job, tracing::Span::current()));
     }
 
     /// Issues a single-use token for `purpose` inside `tx` (killing the user's older ones of

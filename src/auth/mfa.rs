@@ -357,6 +357,7 @@ impl Auth {
             Vec::new()
         };
         tx.commit().await?;
+        crate::metrics::revoked(RevokeReason::SecondFactorEnabled.as_str(), revoked.len());
         self.publish_committed(&revoked).await;
         tracing::info!(user_id = %user.id, enabled, sessions_ended = revoked.len(), "email login code switched");
         self.mfa_status(user.id).await
@@ -434,6 +435,7 @@ impl Auth {
             .await?
         };
         tx.commit().await?;
+        crate::metrics::revoked(RevokeReason::SecondFactorEnabled.as_str(), revoked.len());
         self.publish_committed(&revoked).await;
         tracing::info!(user_id = %principal.user_id, sessions_ended = revoked.len(), "TOTP enabled");
         Ok((codes, self.mfa_status(principal.user_id).await?))

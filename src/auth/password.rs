@@ -107,6 +107,7 @@ impl Auth {
         let mail = self.templates.password_changed(greeting_name(&user), &self.activity(client));
         self.queue_mail(&mut tx, Some(user.id), &user.email, mail).await?;
         self.commit_with_mail(tx).await?;
+        crate::metrics::revoked(RevokeReason::PasswordReset.as_str(), revoked.len());
         tracing::info!(user_id = %user.id, sessions = revoked.len(), "password reset");
         self.publish_committed(&revoked).await;
         Ok(())
@@ -142,6 +143,7 @@ impl Auth {
         let mail = self.templates.password_changed(greeting_name(&user), &self.activity(client));
         self.queue_mail(&mut tx, Some(user.id), &user.email, mail).await?;
         self.commit_with_mail(tx).await?;
+        crate::metrics::revoked(RevokeReason::PasswordChanged.as_str(), revoked.len());
         tracing::info!(user_id = %user.id, sessions = revoked.len(), "password changed");
         self.publish_committed(&revoked).await;
         Ok(revoked.len())

@@ -26,6 +26,7 @@ impl Auth {
         };
         match self.store.rotate_refresh_token(&rotation).await? {
             RotateOutcome::Rotated(session) => {
+                crate::telemetry::record_user_id(session.user_id);
                 // Roles and verification state are read afresh: changes apply at refresh.
                 let user =
                     self.store.find_user(session.user_id).await?.ok_or(AuthError::InvalidRefreshToken)?;
@@ -41,9 +42,10 @@ impl Auth {
                         session_id = %session.id,
                         "refresh token reuse detected: revoking the session"
                     );
-                    self.store
-                        .revoke_session(session.user_id, session.id, RevokeReason::RefreshTokenReuse, now)
-                        .await?;
+                    let reason = RevokeReason::RefreshTokenReuse;
+                    if self.store.revoke_session(session.user_id, session.id, reason, now).await? {
+                        crate::metrics::revoked(reason.as_str(), 1);
+                    }
                     // The owner hears of it even if Redis is down right now; the
                     // reconciler publishes what this cannot.
                     self.mail_refresh_reuse(&session).await;

@@ -75,6 +75,7 @@ impl Auth {
         let created = tx.create_user(&user).await?;
         self.queue_verification(&mut tx, &created).await?;
         self.commit_with_mail(tx).await?;
+        crate::telemetry::record_user_id(created.id);
         tracing::info!(user_id = %created.id, "user registered");
         Ok(created)
     }

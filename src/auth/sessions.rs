@@ -37,6 +37,7 @@ impl Auth {
         if !self.store.revoke_session(principal.user_id, session_id, reason, now_micros()).await? {
             return Err(AuthError::NotFound("session"));
         }
+        crate::metrics::revoked(reason.as_str(), 1);
         self.publish_revocations(&[session_id]).await
     }
 
@@ -52,6 +53,7 @@ impl Auth {
             .store
             .revoke_user_sessions(principal.user_id, keep, RevokeReason::RevokedByUser, now)
             .await?;
+        crate::metrics::revoked(RevokeReason::RevokedByUser.as_str(), revoked.len());
         // Publish every recent revocation of the user, not only this call's: if an earlier
         // attempt committed but failed to publish, its retry lands here with nothing new.
         let recent = self.store.revoked_sessions_of(principal.user_id, now - self.revocation_ttl).await?;

@@ -108,12 +108,15 @@ impl Auth {
     pub async fn authenticate(&self, bearer: Option<&str>) -> Result<Principal, AuthError> {
         let token = bearer.ok_or(AuthError::Unauthenticated(BearerProblem::Missing))?;
         match self.validate_token(token, &[]).await? {
-            TokenCheck::Valid(valid) => Ok(Principal {
-                user_id: valid.user_id,
-                session_id: valid.session_id,
-                roles: valid.roles,
-                amr: valid.amr,
-            }),
+            TokenCheck::Valid(valid) => {
+                crate::telemetry::record_user_id(valid.user_id);
+                Ok(Principal {
+                    user_id: valid.user_id,
+                    session_id: valid.session_id,
+                    roles: valid.roles,
+                    amr: valid.amr,
+                })
+            }
             TokenCheck::Invalid(InvalidReason::Token(rejection)) => {
                 Err(AuthError::Unauthenticated(BearerProblem::Rejected(rejection)))
             }

@@ -77,6 +77,14 @@ pub enum HotError {
     Unavailable(#[source] ::redis::RedisError),
 }
 
+impl HotError {
+    /// A failed Redis call, counted in `portcullis_hot_state_errors_total`.
+    pub(crate) fn unavailable(error: ::redis::RedisError) -> HotError {
+        crate::metrics::hot_state_error();
+        HotError::Unavailable(error)
+    }
+}
+
 /// One sliding-window limit: at most `limit` events within `window`; once an event fills the
 /// window and `block` is non-zero, the key stays blocked for `block` from that event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -218,7 +218,7 @@ impl RedisHotState {
     /// seconds if Redis is unreachable.
     pub async fn connect(url: &str, key_prefix: impl Into<String>) -> Result<Self, HotError> {
         let key_prefix = key_prefix.into();
-        let client = Client::open(url).map_err(HotError::Unavailable)?;
+        let client = Client::open(url).map_err(HotError::unavailable)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECTION_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
@@ -232,8 +232,8 @@ impl RedisHotState {
             Ok::<_, RedisError>(this)
         };
         match tokio::time::timeout(CONNECT_DEADLINE, connect).await {
-            Ok(result) => result.map_err(HotError::Unavailable),
-            Err(_elapsed) => Err(HotError::Unavailable(RedisError::from(std::io::Error::new(
+            Ok(result) => result.map_err(HotError::unavailable),
+            Err(_elapsed) => Err(HotError::unavailable(RedisError::from(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 "timed out connecting to redis",
             )))),
@@ -320,7 +320,7 @@ fn ttl_millis(ttl: Duration) -> u64 {
 #[async_trait]
 impl HotState for RedisHotState {
     async fn ping(&self) -> Result<(), HotError> {
-        self.ping_raw().await.map_err(HotError::Unavailable)
+        self.ping_raw().await.map_err(HotError::unavailable)
     }
 
     async fn revoke_session(&self, session_id: Uuid, ttl: Duration) -> Result<(), HotError> {
@@ -341,7 +341,7 @@ impl HotState for RedisHotState {
             .ignore()
             .exec_async(&mut conn)
             .await
-            .map_err(HotError::Unavailable)?;
+            .map_err(HotError::unavailable)?;
         if let Some(mirror) = &self.mirror {
             mirror.note(session_id, ttl).await;
         }
@@ -354,7 +354,7 @@ impl HotState for RedisHotState {
             .arg(format!("{}rev-complete", self.key_prefix))
             .query_async(&mut conn)
             .await
-            .map_err(HotError::Unavailable)?;
+            .map_err(HotError::unavailable)?;
         Ok(count > 0)
     }
 
@@ -365,12 +365,12 @@ impl HotState for RedisHotState {
             .arg(1)
             .exec_async(&mut conn)
             .await
-            .map_err(HotError::Unavailable)
+            .map_err(HotError::unavailable)
     }
 
     async fn is_session_revoked(&self, session_id: Uuid) -> Result<bool, HotError> {
         let Some(mirror) = &self.mirror else {
-            return self.exists_in_redis(session_id).await.map_err(HotError::Unavailable);
+            return self.exists_in_redis(session_id).await.map_err(HotError::unavailable);
         };
         if mirror.is_synced() {
             return mirror.revoked.is_session_revoked(session_id).await;
@@ -384,8 +384,8 @@ impl HotState for RedisHotState {
         match asked {
             Ok(Ok(revoked)) => Ok(revoked || mirror.revoked.is_session_revoked(session_id).await?),
             _ if mirror.within_staleness() => mirror.revoked.is_session_revoked(session_id).await,
-            Ok(Err(error)) => Err(HotError::Unavailable(error)),
-            Err(_elapsed) => Err(HotError::Unavailable(RedisError::from(std::io::Error::new(
+            Ok(Err(error)) => Err(HotError::unavailable(error)),
+            Err(_elapsed) => Err(HotError::unavailable(RedisError::from(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 "revocation check timed out",
             )))),
@@ -404,7 +404,7 @@ impl HotState for RedisHotState {
                 cmd.arg(limit.limit).arg(window_ms).arg(block_ms).arg(member).arg(WINDOW_KEY_SLACK_MS);
             })
             .await
-            .map_err(HotError::Unavailable)?;
+            .map_err(HotError::unavailable)?;
         Ok(limit_decision(answer))
     }
 
@@ -415,7 +415,7 @@ impl HotState for RedisHotState {
                 cmd.arg(member);
             })
             .await
-            .map_err(HotError::Unavailable)
+            .map_err(HotError::unavailable)
     }
 
     async fn limit_peek(&self, key: &str, limit: Limit) -> Result<LimitDecision, HotError> {
@@ -429,7 +429,7 @@ impl HotState for RedisHotState {
                 cmd.arg(limit.limit).arg(window_ms);
             })
             .await
-            .map_err(HotError::Unavailable)?;
+            .map_err(HotError::unavailable)?;
         Ok(limit_decision(answer))
     }
 
@@ -440,7 +440,7 @@ impl HotState for RedisHotState {
             .arg(&limit_keys(&self.key_prefix, key))
             .exec_async(&mut conn)
             .await
-            .map_err(HotError::Unavailable)
+            .map_err(HotError::unavailable)
     }
 }
 

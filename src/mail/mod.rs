@@ -4,8 +4,8 @@
 //! The flows render a mail with [`Templates`] and queue it in the outbox table inside their
 //! own transaction, so a mail exists if and only if the change it reports committed. The
 //! [`OutboxWorker`] delivers the queue through a [`MailTransport`]: SMTP (lettre, pooled,
-//! TLS or STARTTLS per `mail.smtp_url`) in production, `.eml` files with their links logged
-//! in the embedded default. Delivery is at least once, retried with exponential backoff and
+//! TLS or STARTTLS per `mail.smtp_url`) in production, `.eml` files (their paths logged,
+//! never their links) in the embedded default. Delivery is at least once, retried with exponential backoff and
 //! given up after `mail.max_attempts`, the row kept with its last error.
 
 mod templates;

@@ -115,8 +115,9 @@ impl MailTransport for SmtpTransport {
 }
 
 /// Writes each mail as `<dir>/<outbox id>.eml` (mode 0600: they hold live tokens) and logs
-/// its recipient, subject and links, so a developer without an SMTP server can click
-/// through sign-up and password reset. Sending again overwrites the same file.
+/// its recipient, subject and file path (never its links: they carry the tokens), so a
+/// developer without an SMTP server can open it and click through sign-up and password
+/// reset. Sending again overwrites the same file.
 #[derive(Debug)]
 pub struct FileTransport {
     dir: PathBuf,
@@ -143,11 +144,11 @@ impl MailTransport for FileTransport {
         let message = build_message(&self.from, mail)?;
         let path = self.dir.join(format!("{}.eml", mail.id));
         write_atomically(&self.dir, &path, &message.formatted()).await?;
-        // Recipient, subject and links only: the rest of the mail is in the file.
+        // The file, never its links: they carry live tokens (reset, verification, codes), and
+        // logs travel further than `<data_dir>/mail`. The developer opens the file.
         tracing::info!(
             to = %mail.to,
             subject = %mail.subject,
-            links = ?links_in(&mail.text),
             file = %path.display(),
             "mail written to a file (no SMTP server configured)"
         );
@@ -216,22 +217,6 @@ async fn write_atomically(dir: &Path, path: &Path, contents: &[u8]) -> Result<()
     result.map_err(failed)
 }
 
-/// The `http(s)://` URLs in a text, in order: what a developer needs from a mail.
-fn links_in(text: &str) -> Vec<&str> {
-    let mut links = Vec::new();
-    let mut rest = text;
-    while let Some(start) = rest.find("http://").into_iter().chain(rest.find("https://")).min() {
-        let candidate = &rest[start..];
-        let end = candidate
-            .find(|c: char| c.is_whitespace() || matches!(c, '<' | '>' | '"'))
-            .unwrap_or(candidate.len());
-        let link = candidate[..end].trim_end_matches(['.', ',', ';', ':', ')', '!', '?']);
-        links.push(link);
-        rest = &candidate[end..];
-    }
-    links
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,13 +242,6 @@ mod tests {
         assert!(!sends_credentials_in_clear("smtp://user:pw@relay.test:587?tls=required"));
         assert!(!sends_credentials_in_clear("smtps://user:pw@relay.test"));
         assert!(!sends_credentials_in_clear("smtp://relay.test/ehlo@name"));
-    }
-
-    #[test]
-    fn finds_links_in_text() {
-        let text = "See https://a.test/x?token=1.\nOr (http://b.test/y), and <https://c.test>\nhttp";
-        assert_eq!(links_in(text), ["https://a.test/x?token=1", "http://b.test/y", "https://c.test"]);
-        assert!(links_in("no links here").is_empty());
     }
 
     #[test]

@@ -64,12 +64,22 @@ impl OutboxWorker {
             if self.deliver_due(stop.as_mut()).await == Run::Stopped {
                 return;
             }
+            self.note_backlog().await;
             tokio::select! {
                 biased;
                 () = stop.as_mut() => return,
                 () = self.wake.notified() => {}
                 () = tokio::time::sleep(self.settings.poll_interval) => {}
             }
+        }
+    }
+
+    /// Sets `portcullis_outbox_backlog` to the mail still pending (of every replica).
+    async fn note_backlog(&self) {
+        match self.store.count_pending_outbox().await {
+            Ok(pending) => crate::metrics::outbox_backlog(pending),
+            // The claim just before has said so already, at WARN.
+            Err(error) => tracing::debug!(error = %error, "outbox: cannot count pending mail"),
         }
     }
 
@@ -123,6 +133,9 @@ impl OutboxWorker {
         let result = tokio::time::timeout(SEND_TIMEOUT, self.transport.send(&mail))
             .await
             .unwrap_or(Err(MailError::Timeout(SEND_TIMEOUT)));
+        if result.is_ok() {
+            crate::metrics::mail_delivered();
+        }
         match result {
             Ok(()) => match self.store.mail_sent(mail.id, OffsetDateTime::now_utc()).await {
                 Ok(()) => tracing::info!(mail_id = %mail.id, attempt, "outbox: mail delivered"),
@@ -148,6 +161,7 @@ impl OutboxWorker {
                     );
                     Some(later(OffsetDateTime::now_utc(), delay))
                 };
+                crate::metrics::mail_delivery_failed(next.is_none());
                 if let Err(error) = self.store.mail_failed(mail.id, &reason, next).await {
                     tracing::warn!(
                         mail_id = %mail.id,

@@ -1,11 +1,13 @@
 //! gRPC health: SERVING while the database and the hot state answer, NOT_SERVING when
-//! either does not, and from the moment shutdown begins.
+//! either does not, and from the moment shutdown begins. The same pings feed `/readyz`
+//! ([`Readiness`]).
 
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
+use super::ops::Readiness;
 use crate::{auth::Auth, hot::DynHotState, store::DynStore};
 
 /// The services health is reported for: the server as a whole ("") and each service.
@@ -35,11 +37,14 @@ pub async fn end_watches(mut reporter: HealthReporter) {
 /// A dependency that does not answer within this is down, not slow.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Pings both dependencies every `interval`: gRPC health changes when they change, and
+/// `readiness` (what `/readyz` answers) follows every ping.
 pub async fn watch_dependencies(
     reporter: HealthReporter,
     store: DynStore,
     hot: DynHotState,
     auth: std::sync::Arc<Auth>,
+    readiness: Readiness,
     interval: Duration,
     mut stopping: watch::Receiver<bool>,
 ) {
@@ -54,6 +59,8 @@ pub async fn watch_dependencies(
         if *stopping.borrow() {
             return;
         }
+        readiness.set_database(db.is_ok());
+        readiness.set_hot_state(redis.is_ok());
         if redis.is_err() {
             auth.hot_state_failed();
         }

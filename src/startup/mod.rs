@@ -3,8 +3,10 @@
 //! random port).
 
 mod health;
+mod observe;
 pub mod ops;
 mod secrets;
+mod tls;
 mod validator;
 
 pub use validator::ValidatorApp;
@@ -13,7 +15,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use tokio::sync::watch;
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::transport::Server;
 
 use crate::{
     api::{AccountApi, ApiContext, AuthApi, ExtAuthzApi, PasswordApi, SessionApi, pb},
@@ -31,7 +33,8 @@ pub use secrets::is_embedded;
 /// A server ready to serve: dependencies connected, keys loaded, port bound.
 pub struct Application {
     settings: Settings,
-    incoming: TcpIncoming,
+    /// The gRPC listener: plaintext or TLS (`server.tls`).
+    incoming: tls::Incoming,
     addr: SocketAddr,
     auth: Arc<Auth>,
     store: DynStore,
@@ -132,9 +135,7 @@ impl Application {
         let republished = auth.republish_recent_revocations().await.context("cannot publish revocations")?;
         tracing::debug!(republished, "recent revocations published to the hot state");
 
-        let incoming = TcpIncoming::bind(settings.server.listen)
-            .with_context(|| format!("cannot listen on {}", settings.server.listen))?
-            .with_nodelay(Some(true));
+        let incoming = tls::Incoming::bind(&settings.server)?;
         let addr = incoming.local_addr()?;
         let ops = match settings.server.ops_enabled {
             true => Some(ops::OpsServer::bind(settings.server.ops_listen).await?),
@@ -147,8 +148,8 @@ impl Application {
         self.addr
     }
 
-    /// The bound address of the ops HTTP server (`/healthz`, `/.well-known/jwks.json`), unless
-    /// it is switched off.
+    /// The bound address of the ops HTTP server (`/healthz`, `/readyz`, `/metrics`,
+    /// `/.well-known/jwks.json`), unless it is switched off.
     pub fn ops_addr(&self) -> Option<SocketAddr> {
         self.ops.as_ref().map(ops::OpsServer::local_addr)
     }
@@ -161,12 +162,14 @@ impl Application {
         let (stopping_tx, stopping) = watch::channel(false);
         // `build` just reached both dependencies; the watcher takes over from here.
         health::report_all(&health_reporter, tonic_health::ServingStatus::Serving).await;
+        let readiness = ops::Readiness::new(settings.redis_url.is_some());
 
         let health_task = tokio::spawn(health::watch_dependencies(
             health_reporter.clone(),
             store.clone(),
             hot,
             auth.clone(),
+            readiness.clone(),
             settings.server.health_check_interval,
             stopping.clone(),
         ));
@@ -193,10 +196,12 @@ impl Application {
             tokio::spawn(async move { auth.reconcile_revocations(interval, until(drained)).await })
         };
 
-        // The ops HTTP server stops accepting on the same signal as gRPC (`stopping`).
+        // The ops HTTP server answers through the drain (`/readyz`: shutting down; metrics
+        // still scraped) and stops once gRPC has (`drained`).
         let ops_task = ops.map(|ops| {
-            let state = ops::OpsState { jwks_json: auth.tokens().keys().jwks().to_json().into() };
-            tokio::spawn(ops.serve(ops::router(state), until(stopping.clone())))
+            let jwks = axum::body::Bytes::from(auth.tokens().keys().jwks().to_json());
+            let state = ops::OpsState { jwks: Arc::new(move || jwks.clone()), readiness: readiness.clone() };
+            tokio::spawn(ops.serve(ops::router(state), until(drained.clone())))
         });
 
         let ctx = Arc::new(ApiContext { auth, trusted_proxies: settings.server.trusted_proxies.clone() });
@@ -219,7 +224,8 @@ impl Application {
         let (stop_accepting_tx, stop_accepting) = tokio::sync::oneshot::channel::<()>();
         let server = Server::builder()
             .timeout(settings.server.request_timeout)
-            .trace_fn(|request| tracing::info_span!("rpc", method = %request.uri().path()))
+            // The `rpc` span, `x-request-id` and the per-RPC metrics.
+            .layer(observe::RpcLayer)
             .add_service(health_service)
             .add_optional_service(reflection)
             .add_optional_service(reflection_alpha)
@@ -232,11 +238,16 @@ impl Application {
             // Envoy/Istio ext_authz. Not in reflection: envoy-types ships no descriptor set.
             .add_service(envoy_types::ext_authz::v3::pb::AuthorizationServer::new(ExtAuthzApi::new(
                 ctx.auth.clone(),
-            )))
-            .serve_with_incoming_shutdown(incoming, async {
-                _ = stop_accepting.await;
-            });
-        tracing::info!(%addr, "portcullis serving gRPC");
+            )));
+        let stop = async {
+            _ = stop_accepting.await;
+        };
+        // The router becomes the serving future, over plaintext TCP or TLS connections.
+        let server: tls::Serving<'_> = match incoming {
+            tls::Incoming::Plain(tcp) => Box::pin(server.serve_with_incoming_shutdown(tcp, stop)),
+            tls::Incoming::Tls(tls) => Box::pin(server.serve_with_incoming_shutdown(tls.into_stream(), stop)),
+        };
+        tracing::info!(%addr, tls = settings.server.tls.files().is_some(), "portcullis serving gRPC");
 
         tokio::pin!(server);
         tokio::pin!(shutdown);
@@ -245,6 +256,7 @@ impl Application {
             () = &mut shutdown => {
                 tracing::info!(grace = ?settings.server.shutdown_grace, "shutting down: draining in-flight calls");
                 _ = stopping_tx.send(true);
+                readiness.set_stopping();
                 health::report_all(&health_reporter, tonic_health::ServingStatus::NotServing).await;
                 // Open Health/Watch streams would hold their connections (and the drain) open.
                 health::end_watches(health_reporter.clone()).await;

@@ -1,22 +1,33 @@
 //! The ops HTTP server (`server.ops_listen`, 127.0.0.1:9090 by default; off with
-//! `server.ops_enabled = false`): what operators, probes and relying parties fetch over plain
-//! HTTP rather than gRPC. It starts with the gRPC server and stops on the same signal.
+//! `server.ops_enabled = false`): what operators, probes, Prometheus and relying parties
+//! fetch over plain HTTP rather than gRPC. Both modes (server and validator) run it. It starts
+//! with the gRPC server and keeps answering while gRPC drains at shutdown (readiness says so),
+//! then stops.
 //!
 //! | route | answer |
 //! | --- | --- |
-//! | `GET /healthz` | `200 ok`: the process is up (liveness; dependencies are gRPC health's business) |
+//! | `GET /healthz` | `200 ok`: the process is up (liveness) |
+//! | `GET /readyz` | `200 ready` while the database and Redis answer and no shutdown has begun; else `503` naming what is wrong |
+//! | `GET /metrics` | Prometheus metrics, OpenMetrics text (see [`crate::metrics`]) |
 //! | `GET /.well-known/jwks.json` | the public signing keys (RFC 7517), cacheable for 5 minutes |
 //!
-//! More routes (metrics, readiness) go in [`router`], and what they need in [`OpsState`].
+//! More routes go in [`router`], and what they need in [`OpsState`].
 
-use std::{future::Future, net::SocketAddr};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use anyhow::Context;
 use axum::{
     Router,
     body::Bytes,
     extract::State,
-    http::{HeaderValue, header},
+    http::{HeaderValue, StatusCode, header},
     response::IntoResponse,
     routing::get,
 };
@@ -27,20 +38,103 @@ use tokio::net::TcpListener;
 /// for longer than this.
 const JWKS_CACHE_CONTROL: &str = "public, max-age=300";
 
+/// The JWK Set document as it is now (the validator's keys refresh; the server's are
+/// rendered once).
+pub type JwksSource = Arc<dyn Fn() -> Bytes + Send + Sync>;
+
 /// What the handlers need; built once when the server starts.
 #[derive(Clone)]
 pub struct OpsState {
-    /// The JWK Set document, rendered once: keys change only with a restart.
-    pub jwks_json: Bytes,
+    pub jwks: JwksSource,
+    pub readiness: Readiness,
+}
+
+/// Whether this instance should get traffic, as the health watcher last saw its
+/// dependencies (every `server.health_check_interval`, each ping bounded to 2 s) and
+/// whether shutdown has begun. `/readyz` reads it: a probe never waits on a dependency, and
+/// probes from every kubelet cost the database nothing.
+#[derive(Clone)]
+pub struct Readiness {
+    inner: Arc<ReadinessState>,
+}
+
+struct ReadinessState {
+    /// What the hot state is, for the message (`redis`, or `hot state` in process).
+    hot_state_name: &'static str,
+    database_down: AtomicBool,
+    hot_state_down: AtomicBool,
+    stopping: AtomicBool,
+}
+
+impl Readiness {
+    /// Ready: `build` has just reached every dependency.
+    pub fn new(redis: bool) -> Readiness {
+        Readiness {
+            inner: Arc::new(ReadinessState {
+                hot_state_name: if redis { "redis" } else { "hot state" },
+                database_down: AtomicBool::new(false),
+                hot_state_down: AtomicBool::new(false),
+                stopping: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    pub fn set_database(&self, up: bool) {
+        self.inner.database_down.store(!up, Ordering::Relaxed);
+    }
+
+    pub fn set_hot_state(&self, up: bool) {
+        self.inner.hot_state_down.store(!up, Ordering::Relaxed);
+    }
+
+    /// Shutdown has begun: never ready again.
+    pub fn set_stopping(&self) {
+        self.inner.stopping.store(true, Ordering::Relaxed);
+    }
+
+    /// `Ok` when ready, else what is wrong (`database unreachable, shutting down`).
+    pub fn check(&self) -> Result<(), String> {
+        let state = &self.inner;
+        let mut problems = Vec::new();
+        if state.database_down.load(Ordering::Relaxed) {
+            problems.push("database unreachable".to_string());
+        }
+        if state.hot_state_down.load(Ordering::Relaxed) {
+            problems.push(format!("{} unreachable", state.hot_state_name));
+        }
+        if state.stopping.load(Ordering::Relaxed) {
+            problems.push("shutting down".to_string());
+        }
+        if problems.is_empty() { Ok(()) } else { Err(problems.join(", ")) }
+    }
 }
 
 /// Every ops route.
 pub fn router(state: OpsState) -> Router {
-    Router::new().route("/healthz", get(healthz)).route("/.well-known/jwks.json", get(jwks)).with_state(state)
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/.well-known/jwks.json", get(jwks))
+        .with_state(state)
 }
 
 async fn healthz() -> &'static str {
     "ok"
+}
+
+async fn readyz(State(state): State<OpsState>) -> impl IntoResponse {
+    match state.readiness.check() {
+        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+        Err(problems) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {problems}\n")),
+    }
+}
+
+async fn metrics() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static(crate::metrics::CONTENT_TYPE))],
+        crate::metrics::render(),
+    )
 }
 
 async fn jwks(State(state): State<OpsState>) -> impl IntoResponse {
@@ -49,7 +143,7 @@ async fn jwks(State(state): State<OpsState>) -> impl IntoResponse {
             (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
             (header::CACHE_CONTROL, HeaderValue::from_static(JWKS_CACHE_CONTROL)),
         ],
-        state.jwks_json,
+        (state.jwks)(),
     )
 }
 
@@ -82,5 +176,24 @@ impl OpsServer {
     ) -> std::io::Result<()> {
         tracing::info!(addr = %self.addr, "portcullis serving ops HTTP");
         axum::serve(self.listener, router).with_graceful_shutdown(shutdown).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_names_every_problem() {
+        let readiness = Readiness::new(true);
+        assert_eq!(readiness.check(), Ok(()));
+        readiness.set_hot_state(false);
+        assert_eq!(readiness.check(), Err("redis unreachable".into()));
+        readiness.set_database(false);
+        readiness.set_stopping();
+        assert_eq!(readiness.check(), Err("database unreachable, redis unreachable, shutting down".into()));
+        readiness.set_database(true);
+        readiness.set_hot_state(true);
+        assert_eq!(readiness.check(), Err("shutting down".into()), "never ready again after shutdown");
     }
 }

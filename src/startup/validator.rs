@@ -1,15 +1,17 @@
 //! `portcullis serve --mode validator`: the sidecar. ValidateToken, ext_authz Check, GetJwks
 //! and health, no database: public keys from a JWKS (file or central instance), revocations
-//! from Redis. Health is SERVING while the hot state answers.
+//! from Redis. Health is SERVING while the hot state answers. The ops HTTP server runs here
+//! too: `/healthz`, `/readyz` (Redis), `/metrics` and `/.well-known/jwks.json` (the key set
+//! as last fetched).
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use tokio::sync::watch;
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
-use super::{connect_hot, until};
+use super::{connect_hot, observe, ops, tls, until};
 use crate::{
     api::{ExtAuthzApi, ValidatorAuthApi, pb},
     config::Settings,
@@ -22,10 +24,13 @@ const SERVICES: &[&str] = &["", "portcullis.v1.AuthService", crate::api::ext_aut
 
 pub struct ValidatorApp {
     settings: Settings,
-    incoming: TcpIncoming,
+    /// The gRPC listener: plaintext or TLS (`server.tls`), as the full server's.
+    incoming: tls::Incoming,
     addr: SocketAddr,
     validator: Arc<Validator>,
     hot: DynHotState,
+    /// The ops HTTP listener; `None` with `server.ops_enabled = false`.
+    ops: Option<ops::OpsServer>,
 }
 
 impl ValidatorApp {
@@ -42,28 +47,47 @@ impl ValidatorApp {
         let validator = Validator::build(source, &settings.tokens, &settings.validator, hot.clone())
             .await
             .context("cannot load the public keys")?;
-        let incoming = TcpIncoming::bind(settings.server.listen)
-            .with_context(|| format!("cannot listen on {}", settings.server.listen))?
-            .with_nodelay(Some(true));
+        let incoming = tls::Incoming::bind(&settings.server)?;
         let addr = incoming.local_addr()?;
-        Ok(ValidatorApp { settings, incoming, addr, validator: Arc::new(validator), hot })
+        let ops = match settings.server.ops_enabled {
+            true => Some(ops::OpsServer::bind(settings.server.ops_listen).await?),
+            false => None,
+        };
+        Ok(ValidatorApp { settings, incoming, addr, validator: Arc::new(validator), hot, ops })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }
 
+    /// The bound address of the ops HTTP server, unless it is switched off.
+    pub fn ops_addr(&self) -> Option<SocketAddr> {
+        self.ops.as_ref().map(ops::OpsServer::local_addr)
+    }
+
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-        let ValidatorApp { settings, incoming, addr, validator, hot } = self;
+        let ValidatorApp { settings, incoming, addr, validator, hot, ops } = self;
         let (reporter, health_service) = tonic_health::server::health_reporter();
         let (stopping_tx, stopping) = watch::channel(false);
         report(&reporter, ServingStatus::Serving).await;
+        let readiness = ops::Readiness::new(settings.redis_url.is_some());
         let health_task = tokio::spawn(watch_hot_state(
             reporter.clone(),
             hot,
+            readiness.clone(),
             settings.server.health_check_interval,
             stopping.clone(),
         ));
+        // The ops server answers through the drain and stops after gRPC (`drained`).
+        let (drained_tx, drained) = watch::channel(false);
+        let ops_task = ops.map(|ops| {
+            let keys = validator.clone();
+            let state = ops::OpsState {
+                jwks: Arc::new(move || axum::body::Bytes::from(keys.jwks())),
+                readiness: readiness.clone(),
+            };
+            tokio::spawn(ops.serve(ops::router(state), until(drained)))
+        });
         let refresh_task = tokio::spawn(
             validator.clone().refresh_every(settings.validator.jwks_refresh, until(stopping.clone())),
         );
@@ -80,7 +104,8 @@ impl ValidatorApp {
         let (stop_accepting_tx, stop_accepting) = tokio::sync::oneshot::channel::<()>();
         let server = Server::builder()
             .timeout(settings.server.request_timeout)
-            .trace_fn(|request| tracing::info_span!("rpc", method = %request.uri().path()))
+            // The `rpc` span, `x-request-id` and the per-RPC metrics.
+            .layer(observe::RpcLayer)
             .add_service(health_service)
             .add_optional_service(reflection)
             .add_service(pb::auth_service_server::AuthServiceServer::new(ValidatorAuthApi::new(
@@ -88,17 +113,22 @@ impl ValidatorApp {
             )))
             .add_service(envoy_types::ext_authz::v3::pb::AuthorizationServer::new(ExtAuthzApi::new(
                 validator,
-            )))
-            .serve_with_incoming_shutdown(incoming, async {
-                _ = stop_accepting.await;
-            });
-        tracing::info!(%addr, "portcullis validator serving gRPC");
+            )));
+        let stop = async {
+            _ = stop_accepting.await;
+        };
+        let server: tls::Serving<'_> = match incoming {
+            tls::Incoming::Plain(tcp) => Box::pin(server.serve_with_incoming_shutdown(tcp, stop)),
+            tls::Incoming::Tls(tls) => Box::pin(server.serve_with_incoming_shutdown(tls.into_stream(), stop)),
+        };
+        tracing::info!(%addr, tls = settings.server.tls.files().is_some(), "portcullis validator serving gRPC");
         tokio::pin!(server);
         tokio::pin!(shutdown);
         let result = tokio::select! {
             result = &mut server => result.context("gRPC server failed"),
             () = &mut shutdown => {
                 _ = stopping_tx.send(true);
+                readiness.set_stopping();
                 report(&reporter, ServingStatus::NotServing).await;
                 _ = stop_accepting_tx.send(());
                 match tokio::time::timeout(settings.server.shutdown_grace, &mut server).await {
@@ -108,6 +138,15 @@ impl ValidatorApp {
             }
         };
         _ = stopping_tx.send(true);
+        _ = drained_tx.send(true);
+        if let Some(ops_task) = ops_task {
+            match tokio::time::timeout(Duration::from_secs(5), ops_task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(error))) => tracing::error!(%error, "ops HTTP server failed"),
+                Ok(Err(error)) => tracing::error!(%error, "ops HTTP server task failed"),
+                Err(_) => tracing::warn!("ops HTTP connections still open after 5 s: dropped"),
+            }
+        }
         health_task.abort();
         refresh_task.abort();
         result
@@ -120,10 +159,11 @@ async fn report(reporter: &tonic_health::server::HealthReporter, status: Serving
     }
 }
 
-/// SERVING while the hot state answers (revocations cannot be known otherwise).
+/// SERVING (and ready) while the hot state answers (revocations cannot be known otherwise).
 async fn watch_hot_state(
     reporter: tonic_health::server::HealthReporter,
     hot: DynHotState,
+    readiness: ops::Readiness,
     interval: Duration,
     mut stopping: watch::Receiver<bool>,
 ) {
@@ -134,6 +174,7 @@ async fn watch_hot_state(
         if *stopping.borrow() {
             return;
         }
+        readiness.set_hot_state(up);
         if status != last {
             report(&reporter, status).await;
             last = status;

@@ -236,6 +236,10 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes mail sent or given up before `cutoff` (retention). Returns how many.
     async fn purge_outbox(&self, cutoff: OffsetDateTime) -> Result<u64, StoreError>;
 
+    /// Mail neither sent nor given up (due, claimed, or waiting for a retry): the outbox
+    /// backlog. Counted on the partial index the worker claims from.
+    async fn count_pending_outbox(&self) -> Result<u64, StoreError>;
+
     /// Records a delivery, and blanks the body: it holds live links, which must not stay
     /// readable at rest once they have been handed over.
     async fn mail_sent(&self, id: Uuid, now: OffsetDateTime) -> Result<(), StoreError>;
@@ -702,6 +706,8 @@ impl From<sqlx::Error> for StoreError {
             sqlx::Error::Database(db) => db.code().is_some_and(|code| is_transient_code(&code)),
             _ => false,
         };
+        // Every database error passes here once: `portcullis_store_errors_total`.
+        crate::metrics::store_error(transient);
         if transient { StoreError::Unavailable(error) } else { StoreError::Database(error) }
     }
 }

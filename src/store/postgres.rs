@@ -738,6 +738,14 @@ impl Store for PostgresStore {
         Ok(purged.rows_affected())
     }
 
+    async fn count_pending_outbox(&self) -> Result<u64, StoreError> {
+        let count: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE sent_at IS NULL AND gave_up_at IS NULL")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(u64::try_from(count).unwrap_or_default())
+    }
+
     async fn release_mail(&self, ids: &[Uuid], now: OffsetDateTime) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE outbox SET next_attempt_at = $2 \

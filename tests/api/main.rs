@@ -21,7 +21,9 @@ mod mfa;
 #[cfg(feature = "client")]
 mod middleware;
 mod operations;
+mod ops;
 mod refresh;
 mod register;
 mod sessions;
+mod tls;
 mod validator;
