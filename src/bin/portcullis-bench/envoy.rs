@@ -426,7 +426,7 @@ pub struct EnvoyRun {
     pub p999_us: Option<u32>,
     /// Envoy's CPU time per request.
     pub envoy_cpu_us_per_request: Option<f64>,
-    /// Portcullis's CPU time per request (ext_authz only).
+    /// The authorizer's CPU time per request (Portcullis, or the no-op one; ext_authz only).
     pub portcullis_cpu_us_per_request: Option<f64>,
 }
 
@@ -436,10 +436,18 @@ pub struct EnvoySummary {
     pub pinning: String,
     pub connections: usize,
     pub ext_authz: EnvoyRun,
+    /// The same ext_authz config asking an authorizer that decides nothing (the floor).
+    pub ext_authz_noop: EnvoyRun,
     pub jwt_authn: EnvoyRun,
     /// ext_authz / jwt_authn.
     pub p50_ratio: Option<f64>,
     pub p99_ratio: Option<f64>,
+    /// ext_authz(no-op) / jwt_authn: what the filter and the round trip cost by themselves.
+    pub floor_p50_ratio: Option<f64>,
+    pub floor_p99_ratio: Option<f64>,
+    /// ext_authz(Portcullis) / ext_authz(no-op): what Portcullis adds to it.
+    pub portcullis_p50_ratio: Option<f64>,
+    pub portcullis_p99_ratio: Option<f64>,
 }
 
 impl EnvoySummary {
@@ -448,6 +456,7 @@ impl EnvoySummary {
         pinning: String,
         connections: usize,
         ext_authz: EnvoyRun,
+        ext_authz_noop: EnvoyRun,
         jwt_authn: EnvoyRun,
     ) -> EnvoySummary {
         let ratio =
@@ -458,6 +467,11 @@ impl EnvoySummary {
             connections,
             p50_ratio: ratio(ext_authz.p50_us, jwt_authn.p50_us),
             p99_ratio: ratio(ext_authz.p99_us, jwt_authn.p99_us),
+            floor_p50_ratio: ratio(ext_authz_noop.p50_us, jwt_authn.p50_us),
+            floor_p99_ratio: ratio(ext_authz_noop.p99_us, jwt_authn.p99_us),
+            portcullis_p50_ratio: ratio(ext_authz.p50_us, ext_authz_noop.p50_us),
+            portcullis_p99_ratio: ratio(ext_authz.p99_us, ext_authz_noop.p99_us),
+            ext_authz_noop,
             ext_authz,
             jwt_authn,
         }

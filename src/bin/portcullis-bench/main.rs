@@ -12,6 +12,7 @@
 
 mod envoy;
 mod load;
+mod noop_authz;
 mod replicas;
 mod report;
 mod server;
@@ -173,6 +174,9 @@ struct Args {
     /// Do not pin the server and the bench to separate CPUs.
     #[arg(long)]
     no_pin: bool,
+    /// Internal: serve the envoy scenario's do-nothing ext_authz server on ADDR and nothing else.
+    #[arg(long, hide = true)]
+    serve_noop_authz: Option<SocketAddr>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -261,6 +265,15 @@ impl Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(addr) = args.serve_noop_authz {
+        return match noop_authz::serve(addr) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("portcullis-bench --serve-noop-authz: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -624,6 +637,23 @@ async fn expect_statuses(proxy: &Envoy, token: &str, what: &str) -> anyhow::Resu
     Ok(())
 }
 
+/// Waits until `addr` accepts TCP connections (10 s at most), or the process exits.
+async fn wait_for_port(addr: SocketAddr, process: &mut server::ServerProcess) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = process.exited() {
+            bail!("the no-op authorizer exited with {status}: {}", process.log_tail());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the no-op authorizer did not listen on {addr} within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The gRPC scenarios against one server.
 struct Bench<'a> {
     args: &'a Args,
@@ -821,6 +851,26 @@ impl Bench<'_> {
             self.envoy_phase("envoy-ext-authz", "Envoy+ext_authz GET", &proxy, portcullis_pid, token).await;
         drop(proxy);
 
+        // The floor: the same Envoy config asking an authorizer that decides nothing.
+        let noop_addr = server::free_addr()?;
+        let mut noop = server::ServerProcess::spawn(
+            &std::env::current_exe()?,
+            cpus.as_deref(),
+            &["--serve-noop-authz", &noop_addr.to_string()],
+            Vec::new(),
+            noop_addr,
+            dir.0.join("noop-authz.log"),
+        )?;
+        wait_for_port(noop_addr, &mut noop).await?;
+        let config = envoy::render_ext_authz(noop_addr.port(), upstream.port)?;
+        let proxy = Envoy::start(binary, cpus.as_deref(), &config, &dir.0, "ext_authz_noop").await?;
+        expect_statuses(&proxy, token, "ext_authz (no-op authorizer)").await?;
+        let noop_run = self
+            .envoy_phase("envoy-ext-authz-noop", "Envoy+ext_authz(no-op) GET", &proxy, Some(noop.pid), token)
+            .await;
+        drop(proxy);
+        drop(noop);
+
         let jwks = setup::jwks(channel).await?;
         let tokens = portcullis::config::TokenSettings::default();
         let config = envoy::render_jwt_authn(upstream.port, &jwks, &tokens.issuer, &tokens.audience)?;
@@ -840,6 +890,7 @@ impl Bench<'_> {
             pinning,
             self.args.envoy_connections,
             ext_authz,
+            noop_run,
             jwt_authn,
         ))
     }

@@ -547,19 +547,13 @@ impl Report {
             _ = writeln!(
                 out,
                 "  {:<22} {:>8} {:>6} {:>8} {:>8} {:>8} {:>8} {:>14} {:>18}",
-                "",
-                "requests",
-                "errors",
-                "req/s",
-                "p50",
-                "p99",
-                "p99.9",
-                "Envoy CPU/req",
-                "Portcullis CPU/req"
+                "", "requests", "errors", "req/s", "p50", "p99", "p99.9", "Envoy CPU/req", "authz CPU/req"
             );
-            for (name, run) in
-                [("ext_authz (Portcullis)", &e.ext_authz), ("jwt_authn (offline)", &e.jwt_authn)]
-            {
+            for (name, run) in [
+                ("ext_authz (Portcullis)", &e.ext_authz),
+                ("ext_authz (no-op)", &e.ext_authz_noop),
+                ("jwt_authn (offline)", &e.jwt_authn),
+            ] {
                 _ = writeln!(
                     out,
                     "  {:<22} {:>8} {:>6} {:>8.0} {:>8} {:>8} {:>8} {:>14} {:>18}",
@@ -581,6 +575,15 @@ impl Report {
                 ratio_text(e.p50_ratio),
                 ratio_text(e.p99_ratio),
                 envoy::TARGET_RATIO
+            );
+            _ = writeln!(
+                out,
+                "  floor, ext_authz(no-op) / jwt_authn (Envoy's filter and the round trip alone): p50 {}, p99 {}; \
+                 ext_authz(Portcullis) / ext_authz(no-op) (what Portcullis adds): p50 {}, p99 {}",
+                ratio_text(e.floor_p50_ratio),
+                ratio_text(e.floor_p99_ratio),
+                ratio_text(e.portcullis_p50_ratio),
+                ratio_text(e.portcullis_p99_ratio),
             );
         }
 
