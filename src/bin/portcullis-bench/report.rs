@@ -206,6 +206,7 @@ pub struct Report {
 pub const HEALTH: &str = "health";
 pub const HOT: &str = "validate-hot";
 pub const STORM: &str = "storm";
+pub const COLD: &str = "validate-cold";
 pub const EXT_AUTHZ: &str = "ext-authz";
 pub const VALIDATOR: &str = "validator";
 
@@ -291,6 +292,61 @@ impl Report {
         let mut add = |what: &str, target: String, measured: String, met: Option<bool>| {
             targets.push(TargetCheck { what: what.into(), target, measured, met });
         };
+        let row = |key: &str| self.scenarios.iter().find(|r| r.key == key);
+        let cpu = |key: &str| row(key).and_then(|r| r.server_cpu_us_per_request);
+        let health_cpu = cpu(HEALTH);
+        let hot_ratio = cpu(HOT).zip(health_cpu).map(|(h, b)| h / b);
+        add(
+            "ValidateToken hot CPU/request vs Health/Check",
+            "<= 1.5x".into(),
+            ratio_text(hot_ratio),
+            hot_ratio.map(|r| r <= 1.5),
+        );
+        // Cold: Health's CPU plus one in-process verification with the server's algorithm.
+        let verify_us = self
+            .in_process
+            .iter()
+            .find(|c| c.algorithm.eq_ignore_ascii_case(&self.run.algorithm))
+            .map(|c| c.verify_ns / 1e3);
+        let cold_ratio = cpu(COLD).zip(health_cpu.zip(verify_us)).map(|(c, (h, v))| c / (h + v));
+        add(
+            "ValidateToken cold CPU/request vs Health/Check + raw verify",
+            "<= 1.2x".into(),
+            ratio_text(cold_ratio),
+            cold_ratio.map(|r| r <= 1.2),
+        );
+        let spread = |key: &str| {
+            row(key).and_then(|r| r.latency).map(|l| f64::from(l.p99_us) / f64::from(l.p50_us.max(1)))
+        };
+        let spread_ratio = spread(HOT).zip(spread(HEALTH)).map(|(v, h)| v / h);
+        add(
+            "ValidateToken hot p99/p50 spread vs Health/Check's",
+            "<= 1.2x".into(),
+            ratio_text(spread_ratio),
+            spread_ratio.map(|r| r <= 1.2),
+        );
+        if let Some(storm) = &self.login_storm {
+            add(
+                "login storm: ValidateToken p99 vs unloaded",
+                "<= 2x".into(),
+                ratio_text(storm.p99_ratio),
+                storm.p99_ratio.map(|r| r <= 2.0),
+            );
+            add(
+                "login storm: ValidateToken throughput vs unloaded",
+                ">= 0.45x".into(),
+                ratio_text(storm.throughput_ratio),
+                storm.throughput_ratio.map(|r| r >= 0.45),
+            );
+        }
+        if let Some(kib) = self.server_peak_rss_kib {
+            add(
+                "server peak RSS under the benchmark",
+                "<= 64 MiB".into(),
+                format!("{:.1} MiB", kib as f64 / 1024.0),
+                Some(kib <= 64 * 1024),
+            );
+        }
         if let Some(e) = &self.ext_authz {
             add(
                 "ext_authz Check CPU/request vs ValidateToken hot",
