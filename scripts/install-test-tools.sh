@@ -29,8 +29,12 @@
 # checked too, are copied into the tools dir's bin/.
 #
 # kubernetes-validate (the Kubernetes JSON schemas per version, strict variants included) is
-# pip-installed into the same venv from its downloaded, sha256-checked wheel, with its
-# dependencies pinned by version; tests/chart.rs validates the rendered chart against 1.33.
+# pip-installed into the same venv with `pip install --require-hashes --only-binary=:all:`
+# from a requirements list (below) that pins it and every dependency by version AND by the
+# sha256 of the exact wheel: pure-Python py3-none-any wheels, and for the two compiled ones
+# (rpds-py, PyYAML) the CPython 3.11 manylinux x86_64 wheels, so this part needs the venv's
+# python to be 3.11 on Linux x86_64. pip refuses any file whose hash is not listed, and any
+# dependency that is not listed. tests/chart.rs validates the rendered chart against 1.33.
 #
 # Tools dir: ${PORTCULLIS_TOOLS_DIR:-$HOME/.cache/portcullis/tools}; grpcurl, envoy, helm and
 # kubectl land in its bin/.
@@ -54,13 +58,20 @@ HELM_SHA256=210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9
 KUBECTL_VERSION=v1.33.9
 KUBECTL_SHA256=9e33e3234c0842cd44a12c13e334b4ce930145ea84b855ce7cc0a7b6bc670c22
 KUBERNETES_VALIDATE_VERSION=1.37.0 # carries the schemas of Kubernetes 1.28 to 1.37 (we use 1.33)
-KUBERNETES_VALIDATE_WHEEL_SHA256=85136d018a27b50ec7fc049d902bfa5193f5976807e6c0f408e3ab6fe078cad9
-# Its dependencies, pinned (the versions it was checked with).
-KUBERNETES_VALIDATE_DEPS=(
-    "jsonschema==4.26.0" "jsonschema-specifications==2025.9.1" "referencing==0.37.0"
-    "rpds-py==2026.9.1" "attrs==26.1.0" "PyYAML==6.0.3" "packaging==26.3"
-    "importlib-resources==7.1.0" "typing-extensions==4.16.0"
-)
+# kubernetes-validate and its whole dependency closure: version and sha256 of each wheel
+# (CPython 3.11, manylinux x86_64, for the compiled rpds-py and PyYAML).
+KUBERNETES_VALIDATE_REQUIREMENTS="\
+kubernetes-validate==$KUBERNETES_VALIDATE_VERSION --hash=sha256:85136d018a27b50ec7fc049d902bfa5193f5976807e6c0f408e3ab6fe078cad9
+jsonschema==4.26.0 --hash=sha256:d489f15263b8d200f8387e64b4c3a75f06629559fb73deb8fdfb525f2dab50ce
+jsonschema-specifications==2025.9.1 --hash=sha256:98802fee3a11ee76ecaca44429fda8a41bff98b00a0f2838151b113f210cc6fe
+referencing==0.37.0 --hash=sha256:381329a9f99628c9069361716891d34ad94af76e461dcb0335825aecc7692231
+rpds-py==2026.9.1 --hash=sha256:136a1c3fe4402b7008bc81cb62ee538481795b61a7e83df88dff3b3f02b726ff
+attrs==26.1.0 --hash=sha256:c647aa4a12dfbad9333ca4e71fe62ddc36f4e63b2d260a37a8b83d2f043ac309
+PyYAML==6.0.3 --hash=sha256:b8bb0864c5a28024fac8a632c443c87c5aa6f215c0b126c449ae1a150412f31d
+packaging==26.3 --hash=sha256:d7193f7c8e4e93f444fde0262bf90af30e16fa0ad0ad44cb553c87339b23cd1c
+importlib-resources==7.1.0 --hash=sha256:1bd7b48b4088eddb2cd16382150bb515af0bd2c70128194392725f82ad2c96a1
+typing-extensions==4.16.0 --hash=sha256:481caa481374e813c1b176ada14e97f1f67a4539ce9cfeb3f350d78d6370c2e8
+"
 
 TOOLS_DIR="${PORTCULLIS_TOOLS_DIR:-$HOME/.cache/portcullis/tools}"
 BIN_DIR="$TOOLS_DIR/bin"
@@ -226,32 +237,36 @@ EOF
 install_helm_kubectl
 
 install_kubernetes_validate() {
+    # The requirements list installed last, by its sha256: a changed list installs again.
+    local marker="$VENV/.kubernetes-validate-requirements.sha256"
+    local want
+    want="$(printf '%s' "$KUBERNETES_VALIDATE_REQUIREMENTS" | sha256sum | cut -d' ' -f1)"
     if [[ "$(venv_version kubernetes-validate)" == "$KUBERNETES_VALIDATE_VERSION" ]] \
-        && [[ -x "$VENV/bin/kubernetes-validate" ]]; then
-        echo "kubernetes-validate $KUBERNETES_VALIDATE_VERSION already installed: $VENV"
+        && [[ -x "$VENV/bin/kubernetes-validate" ]] \
+        && [[ "$(cat "$marker" 2>/dev/null || true)" == "$want" ]]; then
+        echo "kubernetes-validate $KUBERNETES_VALIDATE_VERSION (hash-pinned dependencies) already installed: $VENV"
         return 0
     fi
+    local platform
+    platform="$("$VENV/bin/python" -c 'import platform, sys; print(f"{platform.system()}/{platform.machine()}/cp{sys.version_info[0]}{sys.version_info[1]}")')"
+    [[ "$platform" == "Linux/x86_64/cp311" ]] \
+        || die "kubernetes-validate's compiled dependencies are pinned by the hashes of their CPython 3.11 Linux x86_64 wheels; the venv is $platform (add that platform's wheel hashes to KUBERNETES_VALIDATE_REQUIREMENTS)"
     local dl="$TOOLS_DIR/cache/kubernetes-validate-$KUBERNETES_VALIDATE_VERSION"
     rm -rf "$dl" && mkdir -p "$dl"
-    say "downloading the kubernetes-validate $KUBERNETES_VALIDATE_VERSION wheel from PyPI"
-    PIP_DISABLE_PIP_VERSION_CHECK=1 "$VENV/bin/python" -m pip download --quiet --no-deps \
-        --only-binary=:all: "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" -d "$dl" >/dev/null \
-        || die "pip download kubernetes-validate==$KUBERNETES_VALIDATE_VERSION failed"
-    local wheel
-    wheel="$(ls "$dl"/kubernetes_validate-"$KUBERNETES_VALIDATE_VERSION"-*.whl 2>/dev/null | head -n 1)"
-    [[ -n "$wheel" ]] || die "pip did not produce a kubernetes-validate $KUBERNETES_VALIDATE_VERSION wheel"
-    echo "$KUBERNETES_VALIDATE_WHEEL_SHA256  $wheel" | sha256sum --check --quiet - \
-        || die "sha256 mismatch for $(basename "$wheel")"
-    say "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION into $VENV"
-    # Wheels only for the compiled dependencies (rpds-py, PyYAML): no Rust or C build.
-    PIP_DISABLE_PIP_VERSION_CHECK=1 "$VENV/bin/python" -m pip install --quiet --only-binary=rpds-py,PyYAML \
-        "$wheel" "${KUBERNETES_VALIDATE_DEPS[@]}" \
-        || die "pip install kubernetes-validate==$KUBERNETES_VALIDATE_VERSION failed"
+    printf '%s' "$KUBERNETES_VALIDATE_REQUIREMENTS" >"$dl/requirements.txt"
+    say "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION and its dependencies into $VENV (sha256-pinned wheels)"
+    # --require-hashes: every file must match a listed hash, every dependency must be listed.
+    # --only-binary=:all:: no source build. --force-reinstall: packages already in the venv
+    # (installed before they were hash-pinned) are downloaded and checked too.
+    PIP_DISABLE_PIP_VERSION_CHECK=1 "$VENV/bin/python" -m pip install --quiet --require-hashes \
+        --only-binary=:all: --force-reinstall -r "$dl/requirements.txt" \
+        || die "pip install --require-hashes of kubernetes-validate==$KUBERNETES_VALIDATE_VERSION failed"
     rm -rf "$dl"
     local got
     got="$(venv_version kubernetes-validate)"
     [[ "$got" == "$KUBERNETES_VALIDATE_VERSION" ]] \
         || die "the venv has kubernetes-validate '${got:-?}', not $KUBERNETES_VALIDATE_VERSION"
+    echo "$want" >"$marker"
     echo "kubernetes-validate $KUBERNETES_VALIDATE_VERSION installed: $VENV"
 }
 

@@ -87,6 +87,8 @@ fn dev_secrets(key: &Key) -> Vec<String> {
         format!("secrets.pepper.value={PEPPER}"),
         "--set-file".into(),
         format!("secrets.signingKeys.files.{}={}", key.file_name.replace('.', "\\."), key.path.display()),
+        "--set".into(),
+        "config.mail.frontend_base_url=https://app.example.com".into(),
     ]
 }
 
@@ -195,6 +197,33 @@ fn container<'a>(pod_spec: &'a Value, list: &str, name: &str) -> &'a Value {
 
 fn annotation<'a>(doc: &'a Value, key: &str) -> &'a str {
     doc["metadata"]["annotations"][key].as_str().unwrap_or_else(|| panic!("no annotation {key} on {doc}"))
+}
+
+/// Readiness is `GET /readyz?exclude=database` on the ops port: an outage of the shared
+/// database must not take every replica out of the Service (ValidateToken and ext_authz need
+/// only the keys and Redis).
+fn assert_readiness_excludes_the_database(server: &Value) {
+    let probe = &server["readinessProbe"];
+    assert_eq!(probe["httpGet"]["path"], "/readyz?exclude=database", "{probe}");
+    assert_eq!(probe["httpGet"]["port"], "ops", "{probe}");
+    assert!(probe.get("grpc").is_none(), "gRPC health includes the database: {probe}");
+}
+
+/// Seconds `Application::run` (src/startup/mod.rs) may still take after the drain: the sum of
+/// the `Duration::from_secs(N)` timeouts between `drained_tx.send(true)` and
+/// `health_task.abort()` (activity flush, mail outbox, ops server, background tasks). Read from
+/// the source, so the chart's terminationGracePeriodSeconds check cannot drift from it.
+fn shutdown_seconds_after_drain() -> u64 {
+    let source = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/startup/mod.rs")).unwrap();
+    let start = source.find("drained_tx.send(true)").expect("Application::run signals `drained`");
+    let end = start + source[start..].find("health_task.abort()").expect("then aborts the health task");
+    let seconds: Vec<u64> = source[start..end]
+        .split("Duration::from_secs(")
+        .skip(1)
+        .map(|rest| rest[..rest.find(')').unwrap()].trim().parse().unwrap())
+        .collect();
+    assert!(seconds.len() >= 4, "the post-drain timeouts were not found: {seconds:?}");
+    seconds.iter().sum()
 }
 
 fn assert_hardened(pod_spec: &Value, container: &Value) {
@@ -432,17 +461,20 @@ fn server_mode_renders_valid_hardened_resources_with_grpc_probes_and_a_migration
     assert_eq!(spec["enableServiceLinks"], false, "Service variables would share the PORTCULLIS_ prefix");
     assert!(deployment["spec"].get("replicas").is_none(), "the HPA owns the replica count");
     assert_eq!(server["args"], json!(["serve"]));
-    // Native gRPC probes on the gRPC port; liveness does not depend on the database.
+    // Startup: native gRPC probe. Readiness: the ops port's /readyz without the shared
+    // database (its outage must not empty the Service). Liveness: the process answers.
     assert_eq!(server["startupProbe"]["grpc"]["port"], 50051);
-    assert_eq!(server["readinessProbe"]["grpc"]["port"], 50051);
-    assert_eq!(server["readinessProbe"]["grpc"]["service"], "");
+    assert_readiness_excludes_the_database(server);
     assert_eq!(server["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert!(
         server["resources"]["requests"]["cpu"].is_string()
             && server["resources"]["limits"]["memory"].is_string()
     );
     let grace = spec["terminationGracePeriodSeconds"].as_u64().unwrap();
-    assert!(grace > 20 + 5, "terminationGracePeriodSeconds {grace} must exceed shutdown_grace + preStop");
+    assert!(
+        grace > 5 + 20 + shutdown_seconds_after_drain(),
+        "terminationGracePeriodSeconds {grace} must exceed preStop + shutdown_grace + the post-drain shutdown"
+    );
     assert_eq!(server["lifecycle"]["preStop"]["sleep"]["seconds"], 5);
     let mounts: BTreeMap<&str, &Value> = server["volumeMounts"]
         .as_array()
@@ -557,7 +589,10 @@ fn sidecar_mode_renders_the_validator_as_a_native_sidecar_next_to_the_app() {
     assert_eq!(validator["restartPolicy"], "Always");
     assert_eq!(validator["args"], json!(["serve", "--mode", "validator"]));
     assert_eq!(validator["startupProbe"]["grpc"]["port"], 50051);
-    assert_eq!(validator["readinessProbe"]["grpc"]["port"], 50051);
+    assert!(
+        validator.get("readinessProbe").is_none(),
+        "readiness is opt-in: a Redis blip must not make every app pod unready: {validator}"
+    );
     assert_hardened(spec, validator);
     assert_eq!(
         validator["securityContext"]["runAsUser"], 65532,
@@ -575,6 +610,71 @@ fn sidecar_mode_renders_the_validator_as_a_native_sidecar_next_to_the_app() {
     assert_eq!(str_of(&effective, "server.listen"), "0.0.0.0:50051");
     assert_eq!(str_of(&effective, "redis.key_prefix"), "portcullis:");
     assert_eq!(str_of(&effective, "server.ops_listen"), "0.0.0.0:9901", "not the app's 9090");
+}
+
+#[test]
+fn the_sidecar_mounts_a_secret_for_tls_to_the_central_instance() {
+    let Some(tools) = tools() else { return };
+    let mut args: Vec<String> = vec!["-f".into(), SIDECAR_VALUES.into()];
+    for set in [
+        "sidecar.validator.centralUrl=https://portcullis.auth.svc.cluster.local:50051",
+        "sidecar.validator.centralTls.secretName=orders-portcullis-client",
+        "sidecar.validator.centralTls.serverName=portcullis.auth.svc",
+    ] {
+        args.extend(["--set".into(), set.into()]);
+    }
+    let docs = tools.render(&args);
+    let spec = &find(&docs, "Deployment", "portcullis")["spec"]["template"]["spec"];
+    let validator = container(spec, "initContainers", "portcullis-validator");
+    let volume = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "portcullis-validator-central-tls")
+        .expect("the pod declares the Secret volume");
+    assert_eq!(volume["secret"]["secretName"], "orders-portcullis-client");
+    assert!(volume["secret"].get("items").is_none(), "the whole Secret: renewals reach the files");
+    let mount = validator["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "portcullis-validator-central-tls")
+        .expect("the validator mounts it");
+    assert_eq!(mount["mountPath"], "/etc/portcullis/central-tls");
+    assert!(mount.get("subPath").is_none());
+    let app = container(spec, "containers", "orders-api");
+    assert!(app["volumeMounts"].is_null(), "the application does not see the client key");
+
+    let pod = LocalPod::new(&docs, spec, validator);
+    let effective = pod.config_check();
+    assert_all_keys_known(&pod, &effective);
+    assert_eq!(
+        str_of(&effective, "validator.central_url"),
+        "https://portcullis.auth.svc.cluster.local:50051"
+    );
+    for (key, file) in [("ca_file", "ca.crt"), ("cert_file", "tls.crt"), ("key_file", "tls.key")] {
+        assert_eq!(
+            pod.var(&format!("PORTCULLIS_VALIDATOR__CENTRAL_TLS__{}", key.to_uppercase())),
+            Some(format!("/etc/portcullis/central-tls/{file}").as_str())
+        );
+    }
+    assert_eq!(str_of(&effective, "validator.central_tls.server_name"), "portcullis.auth.svc");
+
+    // Only the CA (a central without mutual TLS).
+    args.extend(["--set".into(), "sidecar.validator.centralTls.clientCertificate=false".into()]);
+    let docs = tools.render(&args);
+    let spec = &find(&docs, "Deployment", "portcullis")["spec"]["template"]["spec"];
+    let pod = LocalPod::new(&docs, spec, container(spec, "initContainers", "portcullis-validator"));
+    pod.config_check();
+    assert!(pod.var("PORTCULLIS_VALIDATOR__CENTRAL_TLS__CA_FILE").is_some());
+    assert!(pod.var("PORTCULLIS_VALIDATOR__CENTRAL_TLS__CERT_FILE").is_none());
+    assert!(pod.var("PORTCULLIS_VALIDATOR__CENTRAL_TLS__KEY_FILE").is_none());
+
+    // TLS settings with a plaintext central URL are refused at template time.
+    let mut args: Vec<String> = vec!["-f".into(), SIDECAR_VALUES.into()];
+    args.extend(["--set".into(), "sidecar.validator.centralTls.secretName=orders-portcullis-client".into()]);
+    let err = tools.template_yaml(CHART, &args).expect_err("centralTls with http://");
+    assert!(err.contains("validator.centralTls needs an https:// validator.centralUrl"), "{err}");
 }
 
 #[test]
@@ -616,6 +716,10 @@ spec:
       containers:
         - name: orders
           image: registry.example.com/orders:1.0.0
+      {{- with include "portcullis.validatorSidecarVolumes" (dict "validator" .Values.portcullisValidator) | trim }}
+      volumes:
+        {{- . | nindent 8 }}
+      {{- end }}
 "#,
     )
     .unwrap();
@@ -626,10 +730,37 @@ spec:
     let validator = container(spec, "initContainers", "portcullis-validator");
     assert_eq!(validator["restartPolicy"], "Always");
     assert_eq!(validator["startupProbe"]["grpc"]["port"], 50061);
+    assert!(validator.get("readinessProbe").is_none(), "readiness is opt-in: {validator}");
     assert_eq!(validator["securityContext"]["readOnlyRootFilesystem"], true);
     let ops_off =
         validator["env"].as_array().unwrap().iter().find(|e| e["name"] == "PORTCULLIS_SERVER__OPS_ENABLED");
     assert_eq!(ops_off.map(|e| &e["value"]), Some(&json!("false")), "no ops port unless asked for");
+    assert!(spec["volumes"].is_null() && validator["volumeMounts"].is_null(), "no TLS, no volume");
+
+    // With TLS to the central instance, the volumes helper declares what the container mounts.
+    let docs = tools.render_chart(
+        chart,
+        &[
+            "--set".into(),
+            "portcullisValidator.centralUrl=https://portcullis.auth.svc.cluster.local:50051".into(),
+            "--set".into(),
+            "portcullisValidator.centralTls.secretName=orders-portcullis-client".into(),
+        ],
+    );
+    let spec = &docs[0]["spec"]["template"]["spec"];
+    let validator = container(spec, "initContainers", "portcullis-validator");
+    let mount = &validator["volumeMounts"][0];
+    assert_eq!(mount["mountPath"], "/etc/portcullis/central-tls");
+    assert_eq!(spec["volumes"][0]["name"], mount["name"]);
+    assert_eq!(spec["volumes"][0]["secret"]["secretName"], "orders-portcullis-client");
+    let env = validator["env"].as_array().unwrap();
+    for name in [
+        "PORTCULLIS_VALIDATOR__CENTRAL_TLS__CA_FILE",
+        "PORTCULLIS_VALIDATOR__CENTRAL_TLS__CERT_FILE",
+        "PORTCULLIS_VALIDATOR__CENTRAL_TLS__KEY_FILE",
+    ] {
+        assert!(env.iter().any(|e| e["name"] == name), "{name} in {env:?}");
+    }
 
     // A missing required value names itself.
     let err = tools
@@ -660,11 +791,11 @@ fn all_options_render_valid_resources_with_tls_probes_network_policy_and_service
     let spec = &deployment["spec"]["template"]["spec"];
     let server = container(spec, "containers", "portcullis");
     assert_hardened(spec, server);
-    // kubelet gRPC probes cannot do TLS: readiness over the ops port.
-    assert_eq!(server["readinessProbe"]["httpGet"]["path"], "/readyz");
-    assert_eq!(server["startupProbe"]["httpGet"]["path"], "/readyz");
+    // kubelet gRPC probes cannot do TLS: startup over the ops port too.
+    assert_readiness_excludes_the_database(server);
+    assert_eq!(server["startupProbe"]["httpGet"]["path"], "/readyz?exclude=database");
+    assert_eq!(server["startupProbe"]["httpGet"]["port"], "ops");
     assert_eq!(server["livenessProbe"]["httpGet"]["path"], "/healthz");
-    assert!(server["readinessProbe"].get("grpc").is_none());
     let volumes = spec["volumes"].as_array().unwrap();
     let tls = volumes.iter().find(|v| v["name"] == "tls").unwrap();
     assert_eq!(tls["secret"]["secretName"], "portcullis-tls");
@@ -692,15 +823,32 @@ fn all_options_render_valid_resources_with_tls_probes_network_policy_and_service
     for port in [53, 5432, 6379, 465, 587] {
         assert!(egress_ports.contains(&port), "egress to port {port}: {egress_ports:?}");
     }
+    // DNS to kube-dns pods and to NodeLocal DNSCache's address (not a pod).
+    let dns = policy["spec"]["egress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|rule| rule["ports"][0]["port"] == 53)
+        .expect("a DNS rule");
+    let peers = dns["to"].as_array().unwrap();
+    assert!(peers.iter().any(|p| p["podSelector"]["matchLabels"]["k8s-app"] == "kube-dns"), "{dns}");
+    assert!(peers.iter().any(|p| p["ipBlock"]["cidr"] == "169.254.20.10/32"), "{dns}");
 
     // ServiceMonitor: not in the Kubernetes schemas (a CRD), so its fields here.
     let monitor = find(&docs, "ServiceMonitor", "portcullis");
     assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1");
     assert_eq!(monitor["metadata"]["labels"]["release"], "kube-prometheus-stack");
     let service = find(&docs, "Service", "portcullis");
-    for (label, value) in monitor["spec"]["selector"]["matchLabels"].as_object().unwrap() {
-        assert_eq!(&service["metadata"]["labels"][label], value, "the ServiceMonitor selects the Service");
-    }
+    // Exactly one Service matches (the headless one reaches the same pods: a second match
+    // would scrape every pod twice).
+    let selector = monitor["spec"]["selector"]["matchLabels"].as_object().unwrap();
+    let selected: Vec<&str> = docs
+        .iter()
+        .filter(|d| d["kind"] == "Service")
+        .filter(|d| selector.iter().all(|(label, value)| &d["metadata"]["labels"][label] == value))
+        .map(|d| d["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(selected, ["portcullis"], "the ServiceMonitor selects the main Service only");
     let endpoint = &monitor["spec"]["endpoints"][0];
     assert_eq!(endpoint["port"], "ops");
     assert_eq!(endpoint["path"], "/metrics");
@@ -718,6 +866,23 @@ fn all_options_render_valid_resources_with_tls_probes_network_policy_and_service
         !args.contains(&"-plaintext") && args.contains(&"-cacert") && args.contains(&"-cert"),
         "{args:?}"
     );
+    assert_eq!(test["spec"]["imagePullSecrets"], json!([{"name": "registry-credentials"}]));
+    let ca = test["spec"]["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "tls").unwrap();
+    assert_eq!(ca["secret"]["secretName"], "portcullis-tls", "cert-manager's ca.crt by default");
+
+    // A certificate from a public/ACME issuer has no ca.crt: the CA comes from elsewhere.
+    let docs = tools.render(&[
+        "-f".into(),
+        ALL_OPTIONS_VALUES.into(),
+        "--set".into(),
+        "tls.caSecret=corporate-ca".into(),
+        "--set".into(),
+        "tls.caKey=bundle.pem".into(),
+    ]);
+    let test = find(&docs, "Pod", "portcullis-test-health");
+    let ca = test["spec"]["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "tls").unwrap();
+    assert_eq!(ca["secret"]["secretName"], "corporate-ca");
+    assert_eq!(ca["secret"]["items"], json!([{"key": "bundle.pem", "path": "ca.crt"}]));
 }
 
 #[test]
@@ -757,4 +922,230 @@ fn inconsistent_values_fail_with_a_clear_message() {
     args.extend(["--set".into(), "sidecar.validator.jwksFile=/jwks/jwks.json".into()]);
     let err = tools.template_yaml(CHART, &args).expect_err("two key sources");
     assert!(err.contains("exactly one of validator.centralUrl"), "{err}");
+}
+
+#[test]
+fn the_sidecar_readiness_probe_is_opt_in() {
+    let Some(tools) = tools() else { return };
+    let docs = tools.render(&[
+        "-f".into(),
+        SIDECAR_VALUES.into(),
+        "--set".into(),
+        "sidecar.validator.readinessProbe=true".into(),
+    ]);
+    let spec = &find(&docs, "Deployment", "portcullis")["spec"]["template"]["spec"];
+    let validator = container(spec, "initContainers", "portcullis-validator");
+    assert_eq!(validator["readinessProbe"]["grpc"]["port"], 50051, "{validator}");
+}
+
+#[test]
+fn whole_numbers_of_a_million_or_more_stay_integers_in_the_sidecar_environment() {
+    let Some(tools) = tools() else { return };
+    // From a values file, as users write it: Helm reads its numbers as floats (`--set` would
+    // give an int64 and hide the problem), and toString writes 1000000.0 as "1e+06".
+    let dir = tempfile::tempdir().unwrap();
+    let values = dir.path().join("values.yaml");
+    std::fs::write(
+        &values,
+        "sidecar:\n  validator:\n    config:\n      tokens:\n        verified_cache_capacity: 1000000\n\
+         config:\n  tokens:\n    verified_cache_capacity: 1000000\n",
+    )
+    .unwrap();
+    let values = values.to_str().unwrap().to_string();
+    let docs = tools.render(&["-f".into(), SIDECAR_VALUES.into(), "-f".into(), values.clone()]);
+    let spec = &find(&docs, "Deployment", "portcullis")["spec"]["template"]["spec"];
+    let validator = container(spec, "initContainers", "portcullis-validator");
+    let pod = LocalPod::new(&docs, spec, validator);
+    assert_eq!(pod.var("PORTCULLIS_TOKENS__VERIFIED_CACHE_CAPACITY"), Some("1000000"));
+    let effective = pod.config_check();
+    assert_all_keys_known(&pod, &effective);
+    assert_eq!(effective["tokens"]["verified_cache_capacity"].as_integer(), Some(1_000_000));
+
+    // The ConfigMap path, the same logic: a TOML integer.
+    let key = generate_key();
+    let mut args = dev_secrets(&key);
+    args.extend(["-f".into(), values]);
+    let docs = tools.render(&args);
+    let toml = find(&docs, "ConfigMap", "portcullis")["data"]["portcullis.toml"].as_str().unwrap();
+    assert!(toml.contains("verified_cache_capacity = 1000000\n"), "{toml}");
+}
+
+#[test]
+fn secrets_in_config_are_refused_naming_the_secrets_value_to_use() {
+    let Some(tools) = tools() else { return };
+    let key = generate_key();
+    for (set, named) in [
+        ("config.database_url=postgres://u:p@db/x", "config.database_url: use secrets.databaseUrl"),
+        ("config.redis_url=redis://:p@redis:6379", "config.redis_url: use secrets.redisUrl"),
+        ("config.password.pepper=c2VjcmV0", "config.password.pepper: use secrets.pepper"),
+        ("config.mail.smtp_url=smtps://u:p@smtp:465", "config.mail.smtp_url: use secrets.smtpUrl"),
+    ] {
+        let mut args = dev_secrets(&key);
+        args.extend(["--set".into(), set.into()]);
+        let err = tools.template_yaml(CHART, &args).expect_err(set);
+        assert!(err.contains(named), "{set}: expected {named:?} in: {err}");
+        assert!(err.contains("ConfigMap"), "{err}");
+    }
+    // Not a secret: rendered as it is.
+    let mut args = dev_secrets(&key);
+    args.extend(["--set".into(), "config.log.otlp_endpoint=http://otel-collector:4317".into()]);
+    let docs = tools.render(&args);
+    let toml = find(&docs, "ConfigMap", "portcullis")["data"]["portcullis.toml"].as_str().unwrap();
+    assert!(toml.contains("http://otel-collector:4317"), "{toml}");
+
+    // The sidecar: the Redis URL comes from a Secret, never from validator.config.
+    let err = tools
+        .template_yaml(
+            CHART,
+            &[
+                "-f".into(),
+                SIDECAR_VALUES.into(),
+                "--set".into(),
+                "sidecar.validator.config.redis_url=redis://:p@redis:6379".into(),
+            ],
+        )
+        .expect_err("redis_url in validator.config");
+    assert!(err.contains("validator.config.redis_url is refused"), "{err}");
+}
+
+#[test]
+fn mail_needs_smtp_and_a_real_front_end_unless_file_delivery_is_allowed() {
+    let Some(tools) = tools() else { return };
+    let key = generate_key();
+    let with = |extra: &[&str]| {
+        let mut args = dev_secrets(&key);
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    };
+    let err = tools.template_yaml(CHART, &with(&["--set", "secrets.smtpUrl.value="])).expect_err("no SMTP");
+    assert!(err.contains("no SMTP: set secrets.smtpUrl") && err.contains("mail.allowFileDelivery"), "{err}");
+    let err = tools
+        .template_yaml(CHART, &with(&["--set", "config.mail.frontend_base_url="]))
+        .expect_err("no front end");
+    assert!(err.contains("config.mail.frontend_base_url is required"), "{err}");
+    for loopback in ["http://localhost:3000", "http://127.0.0.1:8080/app", "http://[::1]:3000"] {
+        let set = format!("config.mail.frontend_base_url={loopback}");
+        let err = tools.template_yaml(CHART, &with(&["--set", &set])).expect_err(loopback);
+        assert!(err.contains("is a loopback address"), "{loopback}: {err}");
+    }
+
+    // Development: file delivery, asked for by name, and then a local front end is fine.
+    let args = with(&[
+        "--set",
+        "secrets.smtpUrl.value=",
+        "--set",
+        "mail.allowFileDelivery=true",
+        "--set",
+        "config.mail.frontend_base_url=http://localhost:3000",
+    ]);
+    let docs = tools.render(&args);
+    let spec = &find(&docs, "Deployment", "portcullis")["spec"]["template"]["spec"];
+    let pod = LocalPod::new(&docs, spec, container(spec, "containers", "portcullis"));
+    assert!(pod.var("PORTCULLIS_MAIL__SMTP_URL").is_none());
+    let effective = pod.config_check();
+    assert!(effective["mail"].get("smtp_url").is_none(), "mail goes to files");
+    assert_eq!(str_of(&effective, "mail.frontend_base_url"), "http://localhost:3000");
+}
+
+#[test]
+fn the_termination_grace_period_covers_pre_stop_drain_and_the_shutdown_after_it() {
+    let Some(tools) = tools() else { return };
+    let key = generate_key();
+    let after_drain = shutdown_seconds_after_drain();
+    // preStop 5 s; shutdown_grace in any humantime/Go form; the grace period must exceed the sum.
+    for (grace, seconds) in [("20s", 20), ("1m30s", 90), ("90000ms", 90), ("1m 5s", 65), ("1500ms", 2)] {
+        let needed = 5 + seconds + after_drain;
+        let render = |period: u64| {
+            let mut args = dev_secrets(&key);
+            args.extend([
+                "--set-string".into(),
+                format!("config.server.shutdown_grace={grace}"),
+                "--set".into(),
+                format!("terminationGracePeriodSeconds={period}"),
+            ]);
+            tools.template_yaml(CHART, &args)
+        };
+        let err = render(needed).expect_err(grace);
+        assert!(
+            err.contains(&format!("terminationGracePeriodSeconds ({needed}) must exceed"))
+                && err.contains(&format!("= {needed}")),
+            "{grace}: {err}"
+        );
+        render(needed + 1).unwrap_or_else(|e| panic!("{grace} with {}: {e}", needed + 1));
+    }
+    let mut args = dev_secrets(&key);
+    args.extend(["--set-string".into(), "config.server.shutdown_grace=twenty seconds".into()]);
+    let err = tools.template_yaml(CHART, &args).expect_err("not a duration");
+    assert!(err.contains("config.server.shutdown_grace (twenty seconds) is not a duration"), "{err}");
+}
+
+#[test]
+fn the_migration_job_takes_its_own_pod_settings() {
+    let Some(tools) = tools() else { return };
+    let key = generate_key();
+    let mut args = dev_secrets(&key);
+    for set in [
+        "nodeSelector.kubernetes\\.io/os=linux",
+        "tolerations[0].key=dedicated",
+        "tolerations[0].operator=Exists",
+        "imagePullSecrets[0].name=registry-credentials",
+        "migration.podAnnotations.sidecar\\.istio\\.io/inject=false",
+        "migration.podLabels.example\\.com/team=identity",
+        "migration.extraEnv[0].name=RUST_LOG",
+        "migration.extraEnv[0].value=info",
+        "migration.extraVolumes[0].name=db-ca",
+        "migration.extraVolumes[0].secret.secretName=db-ca",
+        "migration.extraVolumeMounts[0].name=db-ca",
+        "migration.extraVolumeMounts[0].mountPath=/etc/db-ca",
+        "migration.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].key=pool",
+        "migration.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].operator=In",
+        "migration.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].values[0]=batch",
+    ] {
+        args.extend(["--set".into(), set.into()]);
+    }
+    let docs = tools.render(&args);
+    let job = find(&docs, "Job", "portcullis-migrate");
+    assert!(
+        job["spec"]["activeDeadlineSeconds"].as_u64().unwrap() < 300,
+        "the Job must give up before Helm's default 5m --timeout"
+    );
+    let template = &job["spec"]["template"];
+    assert_eq!(template["metadata"]["annotations"]["sidecar.istio.io/inject"], "false");
+    assert_eq!(template["metadata"]["labels"]["example.com/team"], "identity");
+    assert_eq!(template["metadata"]["labels"]["app.kubernetes.io/component"], "migration");
+    let spec = &template["spec"];
+    // Inherited from the server while migration.* is null.
+    assert_eq!(spec["nodeSelector"]["kubernetes.io/os"], "linux");
+    assert_eq!(spec["tolerations"][0]["key"], "dedicated");
+    assert_eq!(spec["imagePullSecrets"], json!([{"name": "registry-credentials"}]));
+    assert_eq!(
+        spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+            [0]["matchExpressions"][0]["values"],
+        json!(["batch"])
+    );
+    let migrate = container(spec, "containers", "migrate");
+    assert!(
+        migrate["env"].as_array().unwrap().iter().any(|e| e["name"] == "RUST_LOG" && e["value"] == "info")
+    );
+    assert!(spec["volumes"].as_array().unwrap().iter().any(|v| v["secret"]["secretName"] == "db-ca"));
+    assert!(migrate["volumeMounts"].as_array().unwrap().iter().any(|m| m["mountPath"] == "/etc/db-ca"));
+    // The server's own extra volumes are not the Job's.
+    let server_spec = &find(&docs, "Deployment", "portcullis")["spec"]["template"]["spec"];
+    assert!(server_spec["volumes"].as_array().unwrap().iter().all(|v| v["name"] != "db-ca"));
+    assert!(server_spec.get("affinity").is_none(), "migration.affinity is the Job's only");
+
+    // {} / [] mean none, not the server's.
+    args.extend([
+        "--set-json".into(),
+        "migration.nodeSelector={}".into(),
+        "--set-json".into(),
+        "migration.tolerations=[]".into(),
+        "--set-json".into(),
+        "migration.imagePullSecrets=[]".into(),
+    ]);
+    let docs = tools.render(&args);
+    let spec = &find(&docs, "Job", "portcullis-migrate")["spec"]["template"]["spec"];
+    for field in ["nodeSelector", "tolerations", "imagePullSecrets"] {
+        assert!(spec.get(field).is_none(), "{field}: {spec}");
+    }
 }

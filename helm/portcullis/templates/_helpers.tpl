@@ -138,7 +138,34 @@ and settings the pod layout depends on.
 {{- fail "portcullis: secrets.pepper.value must be base64 of at least 32 random bytes (head -c 32 /dev/urandom | base64)" }}
 {{- end }}
 {{- end }}
-{{- $server := dig "server" dict (.Values.config | default dict) }}
+{{- $config := .Values.config | default dict }}
+{{- /* Secrets belong in `secrets` (Secret objects), not in the ConfigMap. */}}
+{{- $inConfig := list }}
+{{- range $path := list "database_url=secrets.databaseUrl" "redis_url=secrets.redisUrl" "password.pepper=secrets.pepper" "mail.smtp_url=secrets.smtpUrl" }}
+{{- $parts := splitList "=" $path }}
+{{- $keys := splitList "." (first $parts) }}
+{{- $table := $config }}
+{{- if eq (len $keys) 2 }}{{ $table = get $config (first $keys) }}{{ end }}
+{{- if and (kindIs "map" $table) (hasKey $table (last $keys)) }}
+{{- $inConfig = append $inConfig (printf "config.%s: use %s (existingSecret, or value in development)" (first $parts) (last $parts)) }}
+{{- end }}
+{{- end }}
+{{- if $inConfig }}
+{{- fail (printf "\n\nportcullis: secrets do not belong in `config` (it is rendered into a ConfigMap, readable by whoever can read ConfigMaps; and config.password.pepper would silently win over the pepper Secret's password.pepper_file):\n  - %s\n" (join "\n  - " $inConfig)) }}
+{{- end }}
+{{- $mail := get $config "mail" | default dict }}
+{{- $devMail := eq (toString (dig "allowFileDelivery" false (.Values.mail | default dict))) "true" }}
+{{- if not (or (include "portcullis.secretRef" (dict "root" $ "item" "smtpUrl")) $devMail) }}
+{{- fail "portcullis: no SMTP: set secrets.smtpUrl (existingSecret, a Secret with the smtps://user:password@host:465 URL). Without it mail (verification, reset and new-device links: live tokens) would be written as .eml files to the pod's emptyDir, where nobody receives it; mail.allowFileDelivery=true allows that, for development only" }}
+{{- end }}
+{{- $frontend := toString (get $mail "frontend_base_url" | default "") }}
+{{- if not $frontend }}
+{{- fail "portcullis: config.mail.frontend_base_url is required: the front end serving the pages mail links point to (e.g. https://app.example.com); the server's default, http://localhost:3000, would mail links nobody can open" }}
+{{- end }}
+{{- if and (regexMatch "^[a-zA-Z]+://(localhost|127\\.[0-9.]+|\\[::1\\])([:/]|$)" $frontend) (not $devMail) }}
+{{- fail (printf "portcullis: config.mail.frontend_base_url (%s) is a loopback address: mail links would point to the recipient's own machine. Set your front end's public URL (mail.allowFileDelivery=true accepts it, for development only)" $frontend) }}
+{{- end }}
+{{- $server := dig "server" dict $config }}
 {{- if eq (toString (index $server "ops_enabled")) "false" }}
 {{- fail "portcullis: config.server.ops_enabled = false: the chart needs the ops port (liveness /healthz, /readyz with TLS, metrics)" }}
 {{- end }}
@@ -156,16 +183,43 @@ and settings the pod layout depends on.
 {{- fail "portcullis: probes.liveness.handler must be http or grpc" }}
 {{- end }}
 {{- $grace := toString (index $server "shutdown_grace" | default "20s") }}
-{{- $seconds := -1 }}
-{{- if regexMatch "^[0-9]+s$" $grace }}{{ $seconds = trimSuffix "s" $grace | int }}
-{{- else if regexMatch "^[0-9]+m$" $grace }}{{ $seconds = mul (trimSuffix "m" $grace | int) 60 }}
+{{- $graceSeconds := include "portcullis.durationSeconds" $grace }}
+{{- if eq $graceSeconds "invalid" }}
+{{- fail (printf "portcullis: config.server.shutdown_grace (%s) is not a duration: a number and a unit, repeated, e.g. 20s, 1m30s, 90000ms (units ns, us, ms, s, m, h, d and humantime's long names)" $grace) }}
 {{- end }}
-{{- if ge (int $seconds) 0 }}
-{{- $needed := add $seconds (int .Values.lifecycle.preStopSleepSeconds) }}
+{{- /*
+After the drain (shutdown_grace) the server stops its background work, each bounded
+(src/startup/mod.rs, Application::run): activity flush 5 s, mail outbox 5 s, ops HTTP
+server 5 s, revocation reconciler 1 s, history purge 1 s: 17 s at most.
+*/}}
+{{- $afterDrain := 17 }}
+{{- $needed := add (int .Values.lifecycle.preStopSleepSeconds) (atoi $graceSeconds) $afterDrain }}
 {{- if le (int .Values.terminationGracePeriodSeconds) (int $needed) }}
-{{- fail (printf "portcullis: terminationGracePeriodSeconds (%d) must exceed config.server.shutdown_grace (%s) + lifecycle.preStopSleepSeconds (%d), or the kubelet kills calls still draining" (int .Values.terminationGracePeriodSeconds) $grace (int .Values.lifecycle.preStopSleepSeconds)) }}
+{{- fail (printf "portcullis: terminationGracePeriodSeconds (%d) must exceed lifecycle.preStopSleepSeconds (%d) + config.server.shutdown_grace (%s) + %d s of shutdown after the drain (activity flush, mail outbox, ops server: 5 s each; two tasks 1 s each) = %d, or the kubelet kills the pod while it drains or flushes" (int .Values.terminationGracePeriodSeconds) (int .Values.lifecycle.preStopSleepSeconds) $grace $afterDrain (int $needed)) }}
 {{- end }}
 {{- end }}
+
+{{/*
+A duration as humantime (the server's parser) and Go write it: "20s", "1m30s", "1m 30s",
+"90000ms", "2 min", as whole seconds rounded up, or "invalid". Call with the string.
+*/}}
+{{- define "portcullis.durationSeconds" -}}
+{{- $nanos := dict "ns" 1 "nsec" 1 "nanos" 1 "us" 1000 "usec" 1000 "µs" 1000 "ms" 1000000 "msec" 1000000 "millis" 1000000 "s" 1000000000 "sec" 1000000000 "secs" 1000000000 "second" 1000000000 "seconds" 1000000000 "m" 60000000000 "min" 60000000000 "mins" 60000000000 "minute" 60000000000 "minutes" 60000000000 "h" 3600000000000 "hr" 3600000000000 "hrs" 3600000000000 "hour" 3600000000000 "hours" 3600000000000 "d" 86400000000000 "day" 86400000000000 "days" 86400000000000 "w" 604800000000000 "week" 604800000000000 "weeks" 604800000000000 }}
+{{- $compact := regexReplaceAll "\\s+" (toString .) "" }}
+{{- $total := 0 }}
+{{- $valid := regexMatch "^([0-9]+[a-zµ]+)+$" $compact }}
+{{- if $valid }}
+{{- range $part := regexFindAll "[0-9]+[a-zµ]+" $compact -1 }}
+{{- $unit := regexFind "[a-zµ]+$" $part }}
+{{- if hasKey $nanos $unit }}
+{{- $count := atoi (regexFind "^[0-9]+" $part) }}
+{{- $total = add $total (mul $count (get $nanos $unit)) }}
+{{- else }}
+{{- $valid = false }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if $valid }}{{ div (add $total 999999999) 1000000000 }}{{ else }}invalid{{ end }}
 {{- end }}
 
 {{/*
@@ -182,29 +236,6 @@ toToml would write 2 as 2.0, which the server's integer settings refuse.
 {{- $_ := set $config "database" $database }}
 {{- include "portcullis.intify" $config }}
 {{- toToml $config }}
-{{- end }}
-
-{{/* Replaces, in place, whole float64 numbers of a map (and its maps and lists) by int64. */}}
-{{- define "portcullis.intify" -}}
-{{- $m := . }}
-{{- range $k, $v := $m }}
-{{- if kindIs "float64" $v }}
-{{- if eq (float64 (int64 $v)) $v }}{{ $_ := set $m $k (int64 $v) }}{{ end }}
-{{- else if kindIs "map" $v }}
-{{- include "portcullis.intify" $v }}
-{{- else if kindIs "slice" $v }}
-{{- $items := list }}
-{{- range $item := $v }}
-{{- if and (kindIs "float64" $item) (eq (float64 (int64 $item)) $item) }}
-{{- $items = append $items (int64 $item) }}
-{{- else }}
-{{- if kindIs "map" $item }}{{ include "portcullis.intify" $item }}{{ end }}
-{{- $items = append $items $item }}
-{{- end }}
-{{- end }}
-{{- $_ := set $m $k $items }}
-{{- end }}
-{{- end }}
 {{- end }}
 
 {{/* The pod-level hardening, shared by the server, the migration Job and the test pod. */}}
