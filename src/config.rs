@@ -128,8 +128,12 @@ impl RateLimit {
 pub struct ValidatorSettings {
     /// A JWK Set file with the public keys (e.g. saved from GetJwks).
     pub jwks_file: Option<PathBuf>,
-    /// The central Portcullis (gRPC, `http://host:50051`) whose GetJwks gives the keys.
+    /// The central Portcullis (gRPC, `http://host:50051`) whose GetJwks gives the keys;
+    /// `https://` for a central instance serving TLS (`central_tls`).
     pub central_url: Option<String>,
+    /// The TLS client of an `https://` `central_url`: trust anchors and, for mutual TLS,
+    /// the client certificate. Files are read again at every key fetch.
+    pub central_tls: CentralTlsSettings,
     /// How often the key set is fetched again (also at once, at most every
     /// `jwks_min_refresh`, when a token names an unknown `kid`).
     #[serde(with = "humantime_serde")]
@@ -143,9 +147,91 @@ impl Default for ValidatorSettings {
         ValidatorSettings {
             jwks_file: None,
             central_url: None,
+            central_tls: CentralTlsSettings::default(),
             jwks_refresh: Duration::from_secs(300),
             jwks_min_refresh: Duration::from_secs(10),
         }
+    }
+}
+
+/// `[validator.central_tls]`: how a validator connects to an `https://` `central_url`.
+/// Without `ca_file` the central's certificate must chain to a public root (the Mozilla set
+/// compiled in, `webpki-roots`); with it, only to the CAs in that file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CentralTlsSettings {
+    /// CA certificates (PEM) the central instance's certificate must chain to.
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate chain (PEM, leaf first), for a central instance with mutual TLS
+    /// (`server.tls.client_ca_file`). With `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PEM: PKCS#8, PKCS#1 RSA or SEC1 EC).
+    pub key_file: Option<PathBuf>,
+    /// The name the central's certificate must carry, when it is not the host of
+    /// `central_url` (e.g. connecting by IP address or through another Service name).
+    pub server_name: Option<String>,
+}
+
+impl CentralTlsSettings {
+    /// Whether anything is set (so `central_url` must be `https://`).
+    pub fn is_set(&self) -> bool {
+        *self != CentralTlsSettings::default()
+    }
+
+    /// The client certificate and key files, for mutual TLS.
+    pub fn client_files(&self) -> Option<(&std::path::Path, &std::path::Path)> {
+        Some((self.cert_file.as_deref()?, self.key_file.as_deref()?))
+    }
+}
+
+impl ValidatorSettings {
+    /// Whether the key fetch from `central_url` runs over TLS.
+    pub fn central_is_https(&self) -> bool {
+        self.central_url.as_deref().is_some_and(|url| url.starts_with("https://"))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        if let Some(url) = &self.central_url {
+            let uri = url.parse::<http::Uri>();
+            let scheme = uri.as_ref().ok().and_then(|u| u.scheme_str());
+            if !matches!(scheme, Some("http" | "https"))
+                || uri.as_ref().ok().and_then(http::Uri::host).is_none()
+            {
+                return invalid(format!(
+                    "validator.central_url must be an http:// or https:// URL with a host (got {url:?})"
+                ));
+            }
+        }
+        let tls = &self.central_tls;
+        if tls.is_set() && !self.central_is_https() {
+            return invalid(
+                "validator.central_tls is set but validator.central_url is not an https:// URL".into(),
+            );
+        }
+        match (&tls.cert_file, &tls.key_file) {
+            (Some(_), None) | (None, Some(_)) => {
+                return invalid(
+                    "validator.central_tls needs both cert_file and key_file (or neither: no client certificate)"
+                        .into(),
+                );
+            }
+            _ => {}
+        }
+        if let Some(name) = &tls.server_name
+            && tokio_rustls::rustls::pki_types::ServerName::try_from(name.as_str()).is_err()
+        {
+            return invalid(format!(
+                "validator.central_tls.server_name {name:?} is not a DNS name or IP address"
+            ));
+        }
+        if self.jwks_refresh < Duration::from_millis(10) || self.jwks_min_refresh < Duration::from_millis(10)
+        {
+            return invalid(
+                "validator.jwks_refresh and validator.jwks_min_refresh must be at least 10ms".into(),
+            );
+        }
+        Ok(())
     }
 }
 
@@ -241,6 +327,11 @@ pub struct ServerSettings {
     /// A call still running after this is cancelled: nothing waits forever on a dependency.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// A gRPC connection older than this is asked to close (HTTP/2 GOAWAY; calls in flight
+    /// finish first), so long-lived client connections spread over new replicas. Unset (the
+    /// default): connections live as long as their clients keep them.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age: Option<Duration>,
     /// The ops HTTP server (`/healthz`, `/.well-known/jwks.json`): on by default.
     pub ops_enabled: bool,
     /// Its address (port 0: any free port).
@@ -307,6 +398,37 @@ pub struct RedisSettings {
     /// closed (UNAVAILABLE).
     #[serde(with = "humantime_serde")]
     pub revocation_max_staleness: Duration,
+    /// TLS beyond the defaults of a `rediss://` `redis_url` (public roots, no client
+    /// certificate).
+    pub tls: RedisTlsSettings,
+}
+
+/// `[redis.tls]`: trust anchors and client certificate of a `rediss://` `redis_url`. With
+/// none set, `rediss://` trusts the public roots (the Mozilla set compiled in, `webpki-roots`)
+/// and sends no client certificate. Files are read once, at start.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RedisTlsSettings {
+    /// CA certificates (PEM) Redis's certificate must chain to, instead of the public roots
+    /// (Memorystore's server CA, a self-managed Redis's own CA).
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate chain (PEM, leaf first), for a Redis that asks for one
+    /// (`tls-auth-clients yes`, its default in TLS mode). With `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PEM: PKCS#8, PKCS#1 RSA or SEC1 EC).
+    pub key_file: Option<PathBuf>,
+}
+
+impl RedisTlsSettings {
+    /// Whether anything is set (so `redis_url` must be `rediss://`).
+    pub fn is_set(&self) -> bool {
+        *self != RedisTlsSettings::default()
+    }
+
+    /// The client certificate and key files, when Redis asks for a client certificate.
+    pub fn client_files(&self) -> Option<(&std::path::Path, &std::path::Path)> {
+        Some((self.cert_file.as_deref()?, self.key_file.as_deref()?))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -428,6 +550,7 @@ impl Default for ServerSettings {
             trusted_proxies: Vec::new(),
             health_check_interval: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
+            max_connection_age: None,
             ops_enabled: true,
             ops_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             tls: TlsSettings::default(),
@@ -448,7 +571,11 @@ impl Default for DatabaseSettings {
 
 impl Default for RedisSettings {
     fn default() -> Self {
-        RedisSettings { key_prefix: "portcullis:".into(), revocation_max_staleness: Duration::from_secs(5) }
+        RedisSettings {
+            key_prefix: "portcullis:".into(),
+            revocation_max_staleness: Duration::from_secs(5),
+            tls: RedisTlsSettings::default(),
+        }
     }
 }
 
@@ -668,6 +795,9 @@ impl Settings {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 10ms")));
             }
         }
+        if self.server.max_connection_age.is_some_and(|age| age < Duration::from_secs(1)) {
+            return Err(ConfigError::Invalid("server.max_connection_age must be at least 1s".into()));
+        }
         for (name, lockout) in [
             ("login.account_lockout", &self.login.account_lockout),
             ("login.known_device_lockout", &self.login.known_device_lockout),
@@ -739,6 +869,16 @@ impl Settings {
         }
         if tls.reload_interval < Duration::from_millis(10) {
             return invalid("server.tls.reload_interval must be at least 10ms");
+        }
+        self.validator.validate()?;
+        let redis_tls = &self.redis.tls;
+        if redis_tls.is_set() && !self.redis_url.as_deref().is_some_and(|url| url.starts_with("rediss://")) {
+            return invalid("redis.tls is set but redis_url is not a rediss:// URL");
+        }
+        if redis_tls.cert_file.is_some() != redis_tls.key_file.is_some() {
+            return invalid(
+                "redis.tls needs both cert_file and key_file (or neither: no client certificate)",
+            );
         }
         if self.database_url().starts_with("postgres")
             && self.redis_url.is_none()
@@ -911,6 +1051,162 @@ mod tests {
         assert_eq!(tls.reload_interval, Duration::from_secs(30));
         // `config check` prints it back in the same shape.
         assert!(settings.redacted_toml().contains("[server.tls]"));
+    }
+
+    #[test]
+    fn max_connection_age_is_off_by_default_and_at_least_a_second() {
+        assert_eq!(Settings::default().server.max_connection_age, None);
+        let load = |toml: &str| -> Settings {
+            Figment::from(Serialized::defaults(Settings::default()))
+                .merge(Toml::string(toml))
+                .extract()
+                .unwrap()
+        };
+        let settings = load("[server]\nmax_connection_age = \"10m\"");
+        settings.validate().unwrap();
+        assert_eq!(settings.server.max_connection_age, Some(Duration::from_secs(600)));
+        assert!(
+            settings.redacted_toml().contains("max_connection_age = \"10m\""),
+            "{}",
+            settings.redacted_toml()
+        );
+        for short in ["0s", "500ms"] {
+            let error = load(&format!("[server]\nmax_connection_age = \"{short}\"")).validate().unwrap_err();
+            assert!(error.to_string().contains("server.max_connection_age"), "{error}");
+        }
+    }
+
+    #[test]
+    fn validator_central_tls_is_checked_when_the_configuration_loads() {
+        let mut settings = Settings::default();
+        settings.validator.central_url = Some("http://central:50051".into());
+        settings.validate().unwrap();
+        assert!(!settings.validator.central_is_https());
+        // TLS settings with a plaintext URL would be silently ignored: refused.
+        settings.validator.central_tls.ca_file = Some("/tls/ca.crt".into());
+        let error = settings.validate().unwrap_err().to_string();
+        assert!(error.contains("central_tls") && error.contains("https://"), "{error}");
+        settings.validator.central_url = Some("https://central:50051".into());
+        settings.validate().unwrap();
+        assert!(settings.validator.central_is_https());
+        // An https URL needs no ca_file: the public roots are the trust anchors then.
+        settings.validator.central_tls = CentralTlsSettings::default();
+        settings.validate().unwrap();
+        // A client certificate needs its key, and the other way round.
+        settings.validator.central_tls.cert_file = Some("/tls/tls.crt".into());
+        let error = settings.validate().unwrap_err().to_string();
+        assert!(error.contains("cert_file and key_file"), "{error}");
+        settings.validator.central_tls.cert_file = None;
+        settings.validator.central_tls.key_file = Some("/tls/tls.key".into());
+        assert!(settings.validate().unwrap_err().to_string().contains("cert_file and key_file"));
+        settings.validator.central_tls.cert_file = Some("/tls/tls.crt".into());
+        settings.validate().unwrap();
+        let tls = &settings.validator.central_tls;
+        assert_eq!(tls.client_files(), Some(("/tls/tls.crt".as_ref(), "/tls/tls.key".as_ref())));
+        // The server name must be one a certificate can carry.
+        settings.validator.central_tls.server_name = Some("portcullis.auth.svc".into());
+        settings.validate().unwrap();
+        settings.validator.central_tls.server_name = Some("10.0.0.1".into());
+        settings.validate().unwrap();
+        settings.validator.central_tls.server_name = Some("not a name".into());
+        assert!(settings.validate().unwrap_err().to_string().contains("server_name"));
+    }
+
+    #[test]
+    fn validator_central_url_must_be_http_or_https() {
+        let mut settings = Settings::default();
+        for bad in ["central:50051", "grpc://central:50051", "https://", "not a url"] {
+            settings.validator.central_url = Some(bad.into());
+            let error = settings.validate().unwrap_err().to_string();
+            assert!(error.contains("validator.central_url"), "{bad}: {error}");
+        }
+        for good in ["http://127.0.0.1:50051", "https://[::1]:50051", "https://portcullis.auth.svc"] {
+            settings.validator.central_url = Some(good.into());
+            settings.validate().unwrap();
+        }
+        settings.validator.jwks_refresh = Duration::ZERO;
+        assert!(settings.validate().unwrap_err().to_string().contains("jwks_refresh"));
+    }
+
+    #[test]
+    fn central_tls_is_a_table_of_the_validator_section() {
+        let toml = r#"
+            [validator]
+            central_url = "https://portcullis.auth.svc:50051"
+            [validator.central_tls]
+            ca_file = "/etc/portcullis/central-tls/ca.crt"
+            cert_file = "/etc/portcullis/central-tls/tls.crt"
+            key_file = "/etc/portcullis/central-tls/tls.key"
+            server_name = "portcullis.auth"
+        "#;
+        let settings: Settings = Figment::from(Serialized::defaults(Settings::default()))
+            .merge(Toml::string(toml))
+            .extract()
+            .unwrap();
+        settings.validate().unwrap();
+        let tls = &settings.validator.central_tls;
+        assert_eq!(tls.ca_file.as_deref(), Some("/etc/portcullis/central-tls/ca.crt".as_ref()));
+        assert!(tls.client_files().is_some());
+        assert_eq!(tls.server_name.as_deref(), Some("portcullis.auth"));
+        assert!(settings.redacted_toml().contains("[validator.central_tls]"));
+    }
+
+    #[test]
+    fn redis_tls_needs_a_rediss_url_and_both_client_files() {
+        let mut settings = Settings::default();
+        assert!(!settings.redis.tls.is_set());
+        // TLS settings without Redis, or with a plaintext URL, would be silently ignored.
+        settings.redis.tls.ca_file = Some("/tls/redis-ca.crt".into());
+        let error = settings.validate().unwrap_err().to_string();
+        assert!(error.contains("redis.tls") && error.contains("rediss://"), "{error}");
+        settings.redis_url = Some("redis://redis:6379".into());
+        assert!(settings.validate().unwrap_err().to_string().contains("rediss://"));
+        settings.redis_url = Some("rediss://:secret@redis:6380/0".into());
+        settings.validate().unwrap();
+        // rediss:// needs nothing more: the public roots, no client certificate.
+        settings.redis.tls = RedisTlsSettings::default();
+        settings.validate().unwrap();
+        // A client certificate needs its key, and the other way round.
+        settings.redis.tls.cert_file = Some("/tls/tls.crt".into());
+        let error = settings.validate().unwrap_err().to_string();
+        assert!(error.contains("redis.tls") && error.contains("cert_file and key_file"), "{error}");
+        settings.redis.tls.cert_file = None;
+        settings.redis.tls.key_file = Some("/tls/tls.key".into());
+        assert!(settings.validate().unwrap_err().to_string().contains("cert_file and key_file"));
+        settings.redis.tls.cert_file = Some("/tls/tls.crt".into());
+        settings.validate().unwrap();
+        assert_eq!(
+            settings.redis.tls.client_files(),
+            Some(("/tls/tls.crt".as_ref(), "/tls/tls.key".as_ref()))
+        );
+        settings.redis_url = Some("redis://redis:6379".into());
+        assert!(settings.validate().unwrap_err().to_string().contains("rediss://"));
+    }
+
+    #[test]
+    fn redis_tls_is_a_table_of_the_redis_section() {
+        let toml = r#"
+            redis_url = "rediss://:secret@redis.example:6380"
+            [redis.tls]
+            ca_file = "/etc/portcullis/redis-tls/ca.crt"
+            cert_file = "/etc/portcullis/redis-tls/tls.crt"
+            key_file = "/etc/portcullis/redis-tls/tls.key"
+        "#;
+        let settings: Settings = Figment::from(Serialized::defaults(Settings::default()))
+            .merge(Toml::string(toml))
+            .extract()
+            .unwrap();
+        settings.validate().unwrap();
+        let tls = &settings.redis.tls;
+        assert_eq!(tls.ca_file.as_deref(), Some("/etc/portcullis/redis-tls/ca.crt".as_ref()));
+        assert!(tls.client_files().is_some());
+        // `config check` shows the file paths (never their contents) and hides the password.
+        let shown = settings.redacted_toml();
+        assert!(
+            shown.contains("[redis.tls]") && shown.contains("/etc/portcullis/redis-tls/tls.key"),
+            "{shown}"
+        );
+        assert!(!shown.contains("secret"), "{shown}");
     }
 
     #[test]

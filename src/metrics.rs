@@ -8,24 +8,32 @@
 //!
 //! Per-RPC metrics are recorded by `startup::observe` (the tower layer around the gRPC
 //! server), which resolves each (method, code) pair's [`RpcSeries`] once and then only
-//! increments a counter and observes a histogram per call.
+//! increments a counter and observes a histogram per call: atomic additions, no lock (the
+//! histogram is our own [`RpcHistogram`], not prometheus-client's mutex-guarded one).
 
-use std::{sync::LazyLock, time::Duration};
+use std::{
+    sync::{
+        Arc, LazyLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet, text::encode},
+    metrics::{MetricType, TypedMetric, counter::Counter, family::Family, gauge::Gauge},
     registry::{Registry, Unit},
 };
 
 /// What `GET /metrics` answers with.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Latency buckets, in seconds: ValidateToken answers in tens of microseconds, a login
-/// spends hundreds of milliseconds in bcrypt, and `server.request_timeout` is 30 s.
-const RPC_BUCKETS: [f64; 17] = [
-    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-    10.0, 30.0,
+/// Latency buckets' upper bounds, in microseconds (exposed in seconds: 0.0001 … 30):
+/// ValidateToken answers in tens of microseconds, a login spends hundreds of milliseconds in
+/// bcrypt, and `server.request_timeout` is 30 s.
+const RPC_BUCKETS_MICROS: [u64; 17] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000, 5_000_000, 10_000_000, 30_000_000,
 ];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -64,7 +72,69 @@ struct VersionLabel {
     version: &'static str,
 }
 
-type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+type HistogramFamily<L> = Family<L, RpcHistogram, fn() -> RpcHistogram>;
+
+/// The per-RPC latency histogram, recorded without a lock.
+///
+/// prometheus-client's `Histogram` is an `Arc<Mutex<..>>`: every successful ValidateToken
+/// on every core would take the same lock. Here each bucket is an `AtomicU64` (one
+/// `fetch_add` per observation, in the first bucket whose bound is not exceeded; the
+/// cumulative counts are summed when scraped, as prometheus-client's text encoder does for
+/// its own histogram) and the sum is an `AtomicU64` of nanoseconds (one more `fetch_add`;
+/// it would wrap after 584 years of summed latency per series). The count is the sum of the
+/// buckets, so a scrape never shows a `_count` different from the `+Inf` bucket. Exposed
+/// through `MetricEncoder::encode_histogram`: the same `_sum`, `_count` and `_bucket{le}`
+/// lines, `+Inf` included, as the lock-based histogram had.
+#[derive(Clone, Debug, Default)]
+struct RpcHistogram {
+    inner: Arc<HistogramCells>,
+}
+
+#[derive(Debug, Default)]
+struct HistogramCells {
+    /// Observations per bucket (not cumulative): one per bound of [`RPC_BUCKETS_MICROS`],
+    /// then the overflow (`+Inf`).
+    buckets: [AtomicU64; RPC_BUCKETS_MICROS.len() + 1],
+    /// Sum of every observation, in nanoseconds.
+    sum_nanos: AtomicU64,
+}
+
+impl RpcHistogram {
+    fn observe(&self, elapsed: Duration) {
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        // `le` is inclusive: a value equal to a bound belongs to that bucket.
+        let bucket = RPC_BUCKETS_MICROS
+            .iter()
+            .position(|&bound| nanos <= bound * 1_000)
+            .unwrap_or(RPC_BUCKETS_MICROS.len());
+        self.inner.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.inner.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for RpcHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for RpcHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let mut buckets = [(f64::INFINITY, 0u64); RPC_BUCKETS_MICROS.len() + 1];
+        let mut count = 0u64;
+        for (i, (bucket, cell)) in buckets.iter_mut().zip(&self.inner.buckets).enumerate() {
+            let observed = cell.load(Ordering::Relaxed);
+            count += observed;
+            // Whole microseconds over 10^6: exactly the f64 the decimal literal would be.
+            let bound = RPC_BUCKETS_MICROS.get(i).map_or(f64::INFINITY, |&micros| micros as f64 / 1e6);
+            *bucket = (bound, observed);
+        }
+        let sum = self.inner.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
 
 struct Metrics {
     registry: Registry,
@@ -81,8 +151,8 @@ struct Metrics {
     hot_state_errors: Counter,
 }
 
-fn rpc_histogram() -> Histogram {
-    Histogram::new(RPC_BUCKETS)
+fn rpc_histogram() -> RpcHistogram {
+    RpcHistogram::default()
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -169,7 +239,7 @@ pub fn render() -> String {
 #[derive(Clone, Debug)]
 pub struct RpcSeries {
     requests: Counter,
-    duration: Histogram,
+    duration: RpcHistogram,
 }
 
 impl RpcSeries {
@@ -183,7 +253,7 @@ impl RpcSeries {
 
     pub fn record(&self, elapsed: Duration) {
         self.requests.inc();
-        self.duration.observe(elapsed.as_secs_f64());
+        self.duration.observe(elapsed);
     }
 }
 
@@ -305,6 +375,81 @@ mod tests {
         assert!(text.contains(r#"portcullis_revocations_total{cause="logout"} 2"#), "{text}");
         assert!(text.contains("portcullis_build_info{version="), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    /// The text of one metric as prometheus-client renders it.
+    fn encoded(metric: impl EncodeMetric + Send + Sync + std::fmt::Debug + 'static) -> String {
+        let mut registry = Registry::with_prefix("test");
+        registry.register_with_unit("latency", "Latency", Unit::Seconds, metric);
+        let mut text = String::new();
+        encode(&mut text, &registry).unwrap();
+        text
+    }
+
+    #[test]
+    fn the_lock_free_histogram_renders_as_prometheus_clients_own() {
+        let observations = [
+            Duration::ZERO,
+            Duration::from_micros(40),
+            Duration::from_micros(100), // on a bound: `le` is inclusive
+            Duration::from_nanos(100_001),
+            Duration::from_micros(900),
+            Duration::from_millis(120),
+            Duration::from_secs(3),
+            Duration::from_secs(30),
+            Duration::from_secs(31), // past every bound: +Inf only
+        ];
+        let ours = RpcHistogram::default();
+        let bounds = RPC_BUCKETS_MICROS.map(|micros| micros as f64 / 1e6);
+        let theirs = prometheus_client::metrics::histogram::Histogram::new(bounds);
+        for elapsed in observations {
+            ours.observe(elapsed);
+            theirs.observe(elapsed.as_secs_f64());
+        }
+        let (ours, theirs) = (encoded(ours.clone()), encoded(theirs));
+        fn without_sum(text: &str) -> Vec<&str> {
+            text.lines().filter(|l| !l.starts_with("test_latency_seconds_sum")).collect()
+        }
+        assert_eq!(without_sum(&ours), without_sum(&theirs), "{ours}\n{theirs}");
+        // Cumulative buckets, bounds in seconds, then +Inf.
+        for line in [
+            "# TYPE test_latency_seconds histogram",
+            "test_latency_seconds_count 9",
+            r#"test_latency_seconds_bucket{le="0.0001"} 3"#,
+            r#"test_latency_seconds_bucket{le="0.00025"} 4"#,
+            r#"test_latency_seconds_bucket{le="0.001"} 5"#,
+            r#"test_latency_seconds_bucket{le="0.25"} 6"#,
+            r#"test_latency_seconds_bucket{le="2.5"} 6"#,
+            r#"test_latency_seconds_bucket{le="5.0"} 7"#,
+            r#"test_latency_seconds_bucket{le="30.0"} 8"#,
+            r#"test_latency_seconds_bucket{le="+Inf"} 9"#,
+        ] {
+            assert!(ours.lines().any(|l| l == line), "no {line:?} in\n{ours}");
+        }
+        let sum: f64 = ours
+            .lines()
+            .find_map(|l| l.strip_prefix("test_latency_seconds_sum "))
+            .expect("a sum")
+            .parse()
+            .unwrap();
+        assert!((sum - 64.121_140_001).abs() < 1e-9, "{sum}");
+    }
+
+    #[test]
+    fn the_histogram_counts_from_every_thread() {
+        let histogram = RpcHistogram::default();
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for _ in 0..10_000 {
+                        histogram.observe(Duration::from_micros(30));
+                    }
+                });
+            }
+        });
+        let text = encoded(histogram);
+        assert!(text.contains("test_latency_seconds_count 40000\n"), "{text}");
+        assert!(text.contains("test_latency_seconds_sum 1.2\n"), "{text}");
     }
 
     #[test]

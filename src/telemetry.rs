@@ -9,7 +9,8 @@
 //!
 //! With the `otlp` cargo feature, spans are also exported over OTLP/gRPC when
 //! `log.otlp_endpoint` or the SDK's `OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT` is set (the other
-//! `OTEL_*` variables apply as the SDK reads them).
+//! `OTEL_*` variables apply as the SDK reads them). A caller's `traceparent` is followed only
+//! from `server.trusted_proxies`.
 
 use std::io::IsTerminal;
 
@@ -45,7 +46,10 @@ pub fn record_user_id(user_id: uuid::Uuid) {
 }
 
 /// With the `otlp` feature: makes a call's span a child of the caller's trace when it sent a
-/// W3C `traceparent` header, so exported traces continue the gateway's.
+/// W3C `traceparent` header, so exported traces continue the gateway's. `startup::observe`
+/// calls it only for peers in `server.trusted_proxies`: anyone else could choose our trace
+/// ids and, through the sampled flag and the SDK's default parent-based sampler, whether we
+/// record and export (a cheap way to make every replica export every span).
 #[cfg(feature = "otlp")]
 pub(crate) fn follow_remote_trace(span: &tracing::Span, headers: &http::HeaderMap) {
     otlp::follow_remote_trace(span, headers);

@@ -14,24 +14,33 @@ use anyhow::Context;
 use crate::{
     api::pb::{self, auth_service_client::AuthServiceClient},
     auth::{AuthError, TokenCheck, ValidatesTokens, decide},
-    config::{TokenSettings, ValidatorSettings},
+    config::{CentralTlsSettings, TokenSettings, ValidatorSettings},
     hot::DynHotState,
     token::{TokenRejection, TokenVerifier, verifier::token_kid},
 };
+
+mod tls;
 
 /// Where the public keys come from.
 #[derive(Debug, Clone)]
 pub enum KeySource {
     File(PathBuf),
-    /// A central Portcullis, asked with GetJwks.
-    Central(String),
+    /// A central Portcullis, asked with GetJwks; over TLS (with these settings) when the
+    /// URL is `https://`.
+    Central {
+        url: String,
+        tls: Option<CentralTlsSettings>,
+    },
 }
 
 impl KeySource {
     pub fn from_settings(settings: &ValidatorSettings) -> anyhow::Result<KeySource> {
         match (&settings.jwks_file, &settings.central_url) {
             (Some(path), None) => Ok(KeySource::File(path.clone())),
-            (None, Some(url)) => Ok(KeySource::Central(url.clone())),
+            (None, Some(url)) => Ok(KeySource::Central {
+                url: url.clone(),
+                tls: settings.central_is_https().then(|| settings.central_tls.clone()),
+            }),
             _ => anyhow::bail!(
                 "validator mode needs exactly one of validator.jwks_file and validator.central_url"
             ),
@@ -44,18 +53,43 @@ impl KeySource {
             KeySource::File(path) => tokio::fs::read_to_string(path)
                 .await
                 .with_context(|| format!("cannot read the JWKS file {}", path.display())),
-            KeySource::Central(url) => {
-                let channel = tonic::transport::Endpoint::from_shared(url.clone())
+            KeySource::Central { url, tls } => {
+                let endpoint = tonic::transport::Endpoint::from_shared(url.clone())
                     .context("validator.central_url")?
                     .connect_timeout(Duration::from_secs(2))
-                    .timeout(Duration::from_secs(5))
-                    .connect()
-                    .await
-                    .with_context(|| format!("cannot reach the central Portcullis at {url}"))?;
-                let response = AuthServiceClient::new(channel)
-                    .get_jwks(pb::GetJwksRequest {})
-                    .await
-                    .context("GetJwks from the central Portcullis failed")?;
+                    .timeout(Duration::from_secs(5));
+                let channel = match tls {
+                    None => endpoint.connect().await,
+                    Some(tls) => {
+                        // Read again at every fetch: rotated files are used from the next one.
+                        let config = tls::client_config(tls).await.context("validator.central_tls")?;
+                        endpoint
+                            .connect_with_connector(tls::Connector::new(config, tls.server_name.clone()))
+                            .await
+                    }
+                }
+                .with_context(|| format!("cannot reach the central Portcullis at {url}"))?;
+                let response = AuthServiceClient::new(channel).get_jwks(pb::GetJwksRequest {}).await;
+                let response = match (response, tls) {
+                    (Ok(response), _) => response,
+                    // With TLS 1.3 a refused client certificate shows only here, after the
+                    // handshake: say whether we presented one.
+                    (Err(status), Some(tls)) => {
+                        let presented = match tls.client_files() {
+                            Some((cert, _)) => format!("TLS with the client certificate {}", cert.display()),
+                            None => "TLS without a client certificate: a central instance with mutual TLS \
+                                     needs validator.central_tls.cert_file and key_file"
+                                .into(),
+                        };
+                        return Err(anyhow::Error::new(status).context(format!(
+                            "GetJwks from the central Portcullis at {url} failed ({presented})"
+                        )));
+                    }
+                    (Err(status), None) => {
+                        return Err(anyhow::Error::new(status)
+                            .context(format!("GetJwks from the central Portcullis at {url} failed")));
+                    }
+                };
                 Ok(response.into_inner().jwks_json)
             }
         }

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 pub use self::memory::MemoryHotState;
-pub use self::redis::RedisHotState;
+pub use self::redis::{RedisHotState, RedisTls};
 
 #[async_trait]
 pub trait HotState: Send + Sync + 'static {

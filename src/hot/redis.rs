@@ -35,6 +35,14 @@
 //! timeouts, few reconnection retries) so a dead Redis gives [`HotError::Unavailable`],
 //! never a hang. Once connected, the [`ConnectionManager`] reconnects by itself; a command
 //! sent while Redis is down fails with [`HotError::Unavailable`].
+//!
+//! # TLS
+//!
+//! A `rediss://` URL connects over TLS (rustls, on the process's aws-lc-rs provider). By
+//! default Redis's certificate must chain to a public root (`webpki-roots`) and carry the URL's
+//! host; [`RedisTls`] trusts given CAs instead and presents a client certificate (Redis's
+//! `tls-auth-clients`). Every connection of an instance uses them: commands, reconnections and
+//! the revocation feed's pub/sub, which share one [`Client`].
 
 use std::{
     sync::{Arc, LazyLock},
@@ -43,7 +51,8 @@ use std::{
 
 use async_trait::async_trait;
 use redis::{
-    Client, Cmd, ErrorKind, FromRedisValue, RedisError, Script, ServerErrorKind,
+    Client, ClientTlsConfig, Cmd, ErrorKind, FromRedisValue, RedisError, Script, ServerErrorKind,
+    TlsCertificates,
     aio::{ConnectionManager, ConnectionManagerConfig},
 };
 use uuid::Uuid;
@@ -205,6 +214,33 @@ pub struct RedisHotState {
     mirror: Option<Arc<Mirror>>,
 }
 
+/// TLS material of a `rediss://` connection beyond the defaults, as PEM. Nothing set: the
+/// public roots, no client certificate.
+#[derive(Clone, Default)]
+pub struct RedisTls {
+    /// CA certificates Redis's certificate must chain to, instead of the public roots.
+    pub root_ca_pem: Option<Vec<u8>>,
+    /// A client certificate chain (leaf first) and its private key, for a Redis that asks
+    /// for one (`tls-auth-clients`).
+    pub client_pem: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl RedisTls {
+    fn is_default(&self) -> bool {
+        self.root_ca_pem.is_none() && self.client_pem.is_none()
+    }
+}
+
+impl std::fmt::Debug for RedisTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key (nor, for brevity, the certificates): only what is set.
+        f.debug_struct("RedisTls")
+            .field("root_ca", &self.root_ca_pem.is_some())
+            .field("client_certificate", &self.client_pem.is_some())
+            .finish()
+    }
+}
+
 impl std::fmt::Debug for RedisHotState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The connection (and its URL, which may hold a password) is left out on purpose.
@@ -214,11 +250,34 @@ impl std::fmt::Debug for RedisHotState {
 
 impl RedisHotState {
     /// Connects to `url` (`redis://[:password@]host[:port][/db]`, or `rediss://` for TLS
-    /// where the redis crate is built with it) and checks it answers PING. Fails within a few
-    /// seconds if Redis is unreachable.
+    /// with the public roots) and checks it answers PING. Fails within a few seconds if Redis
+    /// is unreachable, or refuses the TLS handshake.
     pub async fn connect(url: &str, key_prefix: impl Into<String>) -> Result<Self, HotError> {
+        Self::connect_with_tls(url, key_prefix, &RedisTls::default()).await
+    }
+
+    /// [`connect`](Self::connect) with `tls` for a `rediss://` `url`: trusted CAs and a client
+    /// certificate. Anything set in `tls` with a `redis://` `url` is an error.
+    pub async fn connect_with_tls(
+        url: &str,
+        key_prefix: impl Into<String>,
+        tls: &RedisTls,
+    ) -> Result<Self, HotError> {
         let key_prefix = key_prefix.into();
-        let client = Client::open(url).map_err(HotError::unavailable)?;
+        let client = if tls.is_default() {
+            Client::open(url)
+        } else {
+            // Refuses a URL that is not rediss:// (InvalidClientConfig), and unreadable PEM.
+            let certificates = TlsCertificates {
+                client_tls: tls.client_pem.as_ref().map(|(cert, key)| ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.clone(),
+                }),
+                root_cert: tls.root_ca_pem.clone(),
+            };
+            Client::build_with_tls(url, certificates)
+        }
+        .map_err(HotError::unavailable)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECTION_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
@@ -381,15 +440,20 @@ impl HotState for RedisHotState {
         // A short bound: within the staleness window a dead Redis must cost milliseconds
         // per check, not the connection's response timeout.
         let asked = tokio::time::timeout(FALLBACK_CHECK_TIMEOUT, self.exists_in_redis(session_id)).await;
-        match asked {
-            Ok(Ok(revoked)) => Ok(revoked || mirror.revoked.is_session_revoked(session_id).await?),
-            _ if mirror.within_staleness() => mirror.revoked.is_session_revoked(session_id).await,
-            Ok(Err(error)) => Err(HotError::unavailable(error)),
-            Err(_elapsed) => Err(HotError::unavailable(RedisError::from(std::io::Error::new(
+        let error = match asked {
+            Ok(Ok(revoked)) => return Ok(revoked || mirror.revoked.is_session_revoked(session_id).await?),
+            Ok(Err(error)) => error,
+            Err(_elapsed) => RedisError::from(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 "revocation check timed out",
-            )))),
+            )),
+        };
+        // Counted (`portcullis_hot_state_errors_total`) even when the copy answers instead.
+        let error = HotError::unavailable(error);
+        if mirror.within_staleness() {
+            return mirror.revoked.is_session_revoked(session_id).await;
         }
+        Err(error)
     }
 
     async fn limit_hit(&self, key: &str, limit: Limit, member: &str) -> Result<LimitDecision, HotError> {

@@ -60,11 +60,17 @@ impl OutboxWorker {
     /// lease).
     pub async fn run(self, stop: impl Future<Output = ()>) {
         let mut stop = std::pin::pin!(stop);
+        let mut backlog_counted = None;
         loop {
             if self.deliver_due(stop.as_mut()).await == Run::Stopped {
                 return;
             }
-            self.note_backlog().await;
+            // Not after every wake-up: a burst of mail would run `count(*)` per mail.
+            let now = Instant::now();
+            if backlog_due(backlog_counted, now, self.settings.poll_interval) {
+                self.note_backlog().await;
+                backlog_counted = Some(now);
+            }
             tokio::select! {
                 biased;
                 () = stop.as_mut() => return,
@@ -74,7 +80,8 @@ impl OutboxWorker {
         }
     }
 
-    /// Sets `portcullis_outbox_backlog` to the mail still pending (of every replica).
+    /// Sets `portcullis_outbox_backlog` to the mail still pending (of every replica). At most
+    /// once per `poll_interval` ([`backlog_due`]).
     async fn note_backlog(&self) {
         match self.store.count_pending_outbox().await {
             Ok(pending) => crate::metrics::outbox_backlog(pending),
@@ -180,6 +187,12 @@ enum Run {
     Stopped,
 }
 
+/// Whether the backlog gauge is to be counted again: at most once per `every`
+/// (`mail.poll_interval`), so the gauge is at most about that old.
+fn backlog_due(last: Option<Instant>, now: Instant, every: Duration) -> bool {
+    last.is_none_or(|last| now.saturating_duration_since(last) >= every)
+}
+
 /// The wait after a failed attempt, given the failures before it and `jitter` in [0, 1):
 /// `initial_backoff * 2^failures_before`, capped at `max_backoff`, plus up to 10 %.
 fn backoff(settings: &MailSettings, failures_before: u32, jitter: f64) -> Duration {
@@ -228,6 +241,17 @@ mod tests {
             max_backoff: Duration::from_millis(max_ms),
             ..MailSettings::default()
         }
+    }
+
+    #[test]
+    fn the_backlog_is_counted_at_most_once_per_poll_interval() {
+        let every = Duration::from_secs(2);
+        let start = Instant::now();
+        assert!(backlog_due(None, start, every), "counted on the first pass");
+        assert!(!backlog_due(Some(start), start, every));
+        assert!(!backlog_due(Some(start), start + Duration::from_millis(1999), every));
+        assert!(backlog_due(Some(start), start + every, every));
+        assert!(backlog_due(Some(start), start + Duration::from_secs(60), every));
     }
 
     #[test]

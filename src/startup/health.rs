@@ -1,6 +1,8 @@
 //! gRPC health: SERVING while the database and the hot state answer, NOT_SERVING when
 //! either does not, and from the moment shutdown begins. The same pings feed `/readyz`
-//! ([`Readiness`]).
+//! ([`Readiness`]). A dependency counts as down after [`FAILURES_BEFORE_DOWN`] failed pings
+//! in a row (one lost ping does not take every replica out of rotation), and as up again at
+//! its first answer.
 
 use std::time::Duration;
 
@@ -35,7 +37,26 @@ pub async fn end_watches(mut reporter: HealthReporter) {
 }
 
 /// A dependency that does not answer within this is down, not slow.
-const PING_TIMEOUT: Duration = Duration::from_secs(2);
+pub(super) const PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Failed pings in a row before a dependency is reported down (health and readiness). With
+/// the default `server.health_check_interval` of 5 s, an outage shows within 5–12 s.
+pub(super) const FAILURES_BEFORE_DOWN: u32 = 2;
+
+/// Whether one dependency counts as up, from its pings: down after
+/// [`FAILURES_BEFORE_DOWN`] failures in a row, up at the first success.
+#[derive(Debug, Default)]
+pub(super) struct Debounce {
+    failures: u32,
+}
+
+impl Debounce {
+    /// Notes one ping; returns whether the dependency counts as up.
+    pub(super) fn note(&mut self, answered: bool) -> bool {
+        self.failures = if answered { 0 } else { self.failures.saturating_add(1) };
+        self.failures < FAILURES_BEFORE_DOWN
+    }
+}
 
 /// Pings both dependencies every `interval`: gRPC health changes when they change, and
 /// `readiness` (what `/readyz` answers) follows every ping.
@@ -49,28 +70,45 @@ pub async fn watch_dependencies(
     mut stopping: watch::Receiver<bool>,
 ) {
     let mut last = Some(ServingStatus::Serving);
+    let (mut db_pings, mut redis_pings) = (Debounce::default(), Debounce::default());
     loop {
         let (db, redis) = tokio::join!(
             tokio::time::timeout(PING_TIMEOUT, store.ping()),
             tokio::time::timeout(PING_TIMEOUT, hot.ping()),
         );
-        let db = db.map_err(|_| "timed out".to_string()).and_then(|r| r.map_err(|e| format!("{e:#}")));
-        let redis = redis.map_err(|_| "timed out".to_string()).and_then(|r| r.map_err(|e| format!("{e:#}")));
+        // A ping that returned an error was counted where the error was made; one cut short
+        // here is counted here.
+        let db = db
+            .map_err(|_| {
+                crate::metrics::store_error(true);
+                "timed out".to_string()
+            })
+            .and_then(|r| r.map_err(|e| format!("{e:#}")));
+        let redis = redis
+            .map_err(|_| {
+                crate::metrics::hot_state_error();
+                "timed out".to_string()
+            })
+            .and_then(|r| r.map_err(|e| format!("{e:#}")));
         if *stopping.borrow() {
             return;
         }
-        readiness.set_database(db.is_ok());
-        readiness.set_hot_state(redis.is_ok());
+        let (db_up, redis_up) = (db_pings.note(db.is_ok()), redis_pings.note(redis.is_ok()));
+        readiness.set_database(db_up);
+        readiness.set_hot_state(redis_up);
         if redis.is_err() {
             auth.hot_state_failed();
         }
-        let status =
-            if db.is_ok() && redis.is_ok() { ServingStatus::Serving } else { ServingStatus::NotServing };
+        let status = if db_up && redis_up { ServingStatus::Serving } else { ServingStatus::NotServing };
         if last != Some(status) {
-            if let Err(e) = &db {
+            if let Err(e) = &db
+                && !db_up
+            {
                 tracing::warn!(error = %e, "database unreachable: reporting NOT_SERVING");
             }
-            if let Err(e) = &redis {
+            if let Err(e) = &redis
+                && !redis_up
+            {
                 tracing::warn!(error = %e, "hot state unreachable: reporting NOT_SERVING");
             }
             report_all(&reporter, status).await;
@@ -80,5 +118,21 @@ pub async fn watch_dependencies(
             _ = tokio::time::sleep(interval) => {}
             _ = stopping.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_failed_ping_is_not_an_outage() {
+        let mut pings = Debounce::default();
+        assert!(pings.note(false), "one failure: still up");
+        assert!(pings.note(true));
+        assert!(pings.note(false), "the count started over");
+        assert!(!pings.note(false), "two in a row: down");
+        assert!(!pings.note(false));
+        assert!(pings.note(true), "up at the first answer");
     }
 }

@@ -20,8 +20,8 @@ use tonic::transport::Server;
 use crate::{
     api::{AccountApi, ApiContext, AuthApi, ExtAuthzApi, PasswordApi, SessionApi, pb},
     auth::{ActivityRecorder, Auth, AuthParts},
-    config::Settings,
-    hot::{DynHotState, MemoryHotState, RedisHotState},
+    config::{RedisTlsSettings, Settings},
+    hot::{DynHotState, MemoryHotState, RedisHotState, RedisTls},
     mail::{OutboxWorker, transport_from_settings},
     password::{PasswordHasher, PasswordPolicy},
     store::{DynStore, PostgresStore, SqliteStore},
@@ -71,13 +71,43 @@ pub async fn connect_store(settings: &Settings) -> anyhow::Result<DynStore> {
 async fn connect_hot(settings: &Settings) -> anyhow::Result<DynHotState> {
     Ok(match &settings.redis_url {
         Some(url) => Arc::new(
-            RedisHotState::connect(url, settings.redis.key_prefix.clone())
-                .await
-                .context("cannot connect to Redis")?
-                .with_revocation_feed(settings.redis.revocation_max_staleness),
+            RedisHotState::connect_with_tls(
+                url,
+                settings.redis.key_prefix.clone(),
+                &redis_tls(&settings.redis.tls)?,
+            )
+            .await
+            .context("cannot connect to Redis")?
+            .with_revocation_feed(settings.redis.revocation_max_staleness),
         ),
         None => Arc::new(MemoryHotState::new()),
     })
+}
+
+/// The PEM files of `redis.tls`, read once; each must hold what it is for (an error names
+/// the setting and the file, never what is in it).
+fn redis_tls(settings: &RedisTlsSettings) -> anyhow::Result<RedisTls> {
+    fn read(setting: &str, path: &std::path::Path, tags: &[&str], what: &str) -> anyhow::Result<Vec<u8>> {
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("redis.tls.{setting}: cannot read {}", path.display()))?;
+        let found =
+            pem::parse_many(&bytes).is_ok_and(|blocks| blocks.iter().any(|b| tags.contains(&b.tag())));
+        anyhow::ensure!(found, "redis.tls.{setting}: {} holds no PEM {what}", path.display());
+        Ok(bytes)
+    }
+    let root_ca_pem = settings
+        .ca_file
+        .as_deref()
+        .map(|path| read("ca_file", path, &["CERTIFICATE"], "certificate"))
+        .transpose()?;
+    let client_pem = match settings.client_files() {
+        Some((cert, key)) => Some((
+            read("cert_file", cert, &["CERTIFICATE"], "certificate")?,
+            read("key_file", key, &["PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY"], "private key")?,
+        )),
+        None => None,
+    };
+    Ok(RedisTls { root_ca_pem, client_pem })
 }
 
 impl Application {
@@ -222,10 +252,9 @@ impl Application {
         }
 
         let (stop_accepting_tx, stop_accepting) = tokio::sync::oneshot::channel::<()>();
-        let server = Server::builder()
-            .timeout(settings.server.request_timeout)
-            // The `rpc` span, `x-request-id` and the per-RPC metrics.
-            .layer(observe::RpcLayer)
+        let server = grpc_server(&settings.server)
+            // The `rpc` span, `x-request-id`, `server.request_timeout` and the per-RPC metrics.
+            .layer(observe::RpcLayer::new(settings.server.request_timeout, &settings.server.trusted_proxies))
             .add_service(health_service)
             .add_optional_service(reflection)
             .add_optional_service(reflection_alpha)
@@ -244,7 +273,9 @@ impl Application {
         };
         // The router becomes the serving future, over plaintext TCP or TLS connections.
         let server: tls::Serving<'_> = match incoming {
-            tls::Incoming::Plain(tcp) => Box::pin(server.serve_with_incoming_shutdown(tcp, stop)),
+            tls::Incoming::Plain(tcp) => {
+                Box::pin(server.serve_with_incoming_shutdown(with_tcp_keepalive(tcp), stop))
+            }
             tls::Incoming::Tls(tls) => Box::pin(server.serve_with_incoming_shutdown(tls.into_stream(), stop)),
         };
         tracing::info!(%addr, tls = settings.server.tls.files().is_some(), "portcullis serving gRPC");
@@ -289,6 +320,40 @@ impl Application {
         tracing::info!("portcullis stopped");
         result
     }
+}
+
+/// An HTTP/2 PING goes to a connection that has sent nothing for this long...
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// ...and the connection is closed when the PING is not answered within this: a client that
+/// vanished (node gone, NAT entry dropped, no FIN or RST) stops holding a connection and its
+/// calls' resources.
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TCP keepalive probes after this much silence: the kernel notices dead peers too, and
+/// middleboxes see traffic on idle connections.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// The gRPC server of both modes, before its layers and services: connection keepalive
+/// (HTTP/2 PING, and TCP keepalive for plaintext in [`with_tcp_keepalive`]) and
+/// `server.max_connection_age`. `server.request_timeout` is enforced by
+/// [`observe::RpcLayer`], not by tonic's `timeout`, which would answer outside our layer
+/// (without `x-request-id`).
+fn grpc_server(server: &crate::config::ServerSettings) -> Server {
+    let builder = Server::builder()
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT));
+    match server.max_connection_age {
+        // A graceful close at that age (GOAWAY; calls in flight finish, unary ones within the
+        // request timeout). Not `max_connection_age_grace`: in tonic 0.14 setting it skips
+        // the graceful close and drops the connection at age + grace, calls and all.
+        Some(age) => builder.max_connection_age(age),
+        None => builder,
+    }
+}
+
+/// tonic's `Server::tcp_keepalive` is ignored with `serve_with_incoming`: the plaintext
+/// listener sets it on the accepted sockets itself (no per-call cost).
+fn with_tcp_keepalive(tcp: tonic::transport::server::TcpIncoming) -> tonic::transport::server::TcpIncoming {
+    tcp.with_keepalive(Some(TCP_KEEPALIVE))
 }
 
 /// Resolves once the flag turns true (or its sender is gone).

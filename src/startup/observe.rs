@@ -1,21 +1,29 @@
-//! The tower layer around both gRPC servers (`Server::builder().layer(RpcLayer)`). For every
-//! call it
+//! The tower layer around both gRPC servers (`Server::builder().layer(RpcLayer::new(..))`).
+//! For every call it
 //! - opens the `rpc` span: `method`, `peer` (the connection's address), `request_id` and
 //!   `user_id` (empty; the flows record it once they know who is calling, see
 //!   [`crate::telemetry::record_user_id`]);
 //! - takes the caller's `x-request-id` (1–128 visible ASCII characters) or makes one (a
 //!   UUIDv4), and echoes it as the response's `x-request-id` header;
+//! - enforces `server.request_timeout`: a call without an answer by then is dropped and
+//!   answered `CANCELLED` "Timeout expired", as tonic's own `Server::timeout` would. It is
+//!   done here rather than by tonic because tonic's timeout wraps the layers from outside:
+//!   its answer would carry no `x-request-id` and bypass the metrics. (A client's own
+//!   `grpc-timeout` is still applied by tonic, outside: that answer has no request id, but
+//!   it is sent when the client itself has stopped waiting.)
 //! - records `portcullis_grpc_requests_total` and `portcullis_grpc_request_duration_seconds`
 //!   by method and status code once the status is known: from the `grpc-status` header of a
 //!   trailers-only answer (how tonic answers errors), else from the trailers at the end of the
 //!   body (successful answers, streams). A call dropped before its status (the client went
-//!   away, `server.request_timeout` ran out) counts as `CANCELLED`, which is what tonic
-//!   answers for a timeout.
+//!   away or its deadline passed) counts as `CANCELLED`, as a timed-out one does;
+//! - with the `otlp` feature, continues the caller's W3C `traceparent` only when the peer is
+//!   one of `server.trusted_proxies`.
 //!
 //! Methods are named `package.Service/Method`, from the descriptor sets of the services we
 //! serve; a path outside them (tonic answers UNIMPLEMENTED) is `unknown`, so no request can
-//! add a series. Per call: a map lookup, two clock reads, a counter and a histogram; the
-//! series of a (method, code) pair are resolved once per process.
+//! add a series. Per call: a map lookup, two clock reads, a timer, a counter and a histogram
+//! (atomics, no lock); the series of a (method, code) pair are resolved once per process,
+//! and those of the hot methods' `OK` when the layer is built.
 
 use std::{
     collections::HashMap,
@@ -27,13 +35,14 @@ use std::{
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll, ready},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header::HeaderName};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use prost::Message;
+use tokio::time::Sleep;
 use tower_layer::Layer;
 use tower_service::Service;
 use tracing::{Span, field};
@@ -66,6 +75,7 @@ const CODES: [&str; 17] = [
     "DATA_LOSS",
     "UNAUTHENTICATED",
 ];
+const OK: usize = 0;
 const CANCELLED: usize = 1;
 const UNKNOWN: usize = 2;
 const PERMISSION_DENIED: usize = 7;
@@ -122,7 +132,7 @@ static METHODS: LazyLock<Methods> = LazyLock::new(|| {
         }
     }
     paths.push(format!("/{}/Check", crate::api::ext_authz::SERVICE_NAME));
-    let by_path = paths
+    let by_path: HashMap<&'static str, Method> = paths
         .into_iter()
         .map(|path| {
             // Once per process, a few dozen short strings: they live as long as the series.
@@ -130,24 +140,60 @@ static METHODS: LazyLock<Methods> = LazyLock::new(|| {
             (path, Method::new(&path[1..]))
         })
         .collect();
+    // The calls every replica answers most: their `OK` series exist (at 0) from the start,
+    // and their first calls take no write lock on the metric families.
+    for path in HOT_PATHS {
+        if let Some(method) = by_path.get(path) {
+            method.series(OK);
+        }
+    }
     Methods { by_path, unknown: Method::new("unknown") }
 });
 
-/// Adds the span, the request id and the metrics to every call; see the module docs.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RpcLayer;
+/// ValidateToken, ext_authz Check and health checks: resolved when the layer is built.
+const HOT_PATHS: [&str; 3] = [
+    "/portcullis.v1.AuthService/ValidateToken",
+    "/envoy.service.auth.v3.Authorization/Check",
+    "/grpc.health.v1.Health/Check",
+];
+
+/// Adds the span, the request id, the request timeout and the metrics to every call; see
+/// the module docs.
+#[derive(Debug, Clone)]
+pub struct RpcLayer {
+    timeout: Duration,
+    /// Peers whose `traceparent` is followed (`server.trusted_proxies`).
+    #[cfg(feature = "otlp")]
+    trusted_proxies: std::sync::Arc<[ipnet::IpNet]>,
+}
+
+impl RpcLayer {
+    /// `timeout` is `server.request_timeout`; `trusted_proxies` (`server.trusted_proxies`)
+    /// matter only with the `otlp` feature.
+    pub fn new(timeout: Duration, trusted_proxies: &[ipnet::IpNet]) -> RpcLayer {
+        LazyLock::force(&METHODS);
+        #[cfg(not(feature = "otlp"))]
+        let _ = trusted_proxies;
+        RpcLayer {
+            timeout,
+            #[cfg(feature = "otlp")]
+            trusted_proxies: trusted_proxies.into(),
+        }
+    }
+}
 
 impl<S> Layer<S> for RpcLayer {
     type Service = RpcService<S>;
 
     fn layer(&self, inner: S) -> RpcService<S> {
-        RpcService { inner }
+        RpcService { inner, layer: self.clone() }
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct RpcService<S> {
     inner: S,
+    layer: RpcLayer,
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RpcService<S>
@@ -176,14 +222,25 @@ where
             user_id = field::Empty,
         );
         #[cfg(feature = "otlp")]
-        crate::telemetry::follow_remote_trace(&span, request.headers());
+        if is_trusted(peer, &self.layer.trusted_proxies) {
+            crate::telemetry::follow_remote_trace(&span, request.headers());
+        }
         let inner = span.in_scope(|| self.inner.call(request));
         RpcFuture {
             inner,
+            deadline: tokio::time::sleep(self.layer.timeout),
             call: Some(Call { method, started, span, finished: false }),
             request_id: Some(request_id),
         }
     }
+}
+
+/// Whether the peer is one of `trusted` (`server.trusted_proxies`): only those may continue
+/// their trace into ours. Anyone else's `traceparent` would choose our trace ids and, under
+/// a parent-based sampler, whether we record and export at all.
+#[cfg_attr(not(feature = "otlp"), allow(dead_code))]
+fn is_trusted(peer: Option<SocketAddr>, trusted: &[ipnet::IpNet]) -> bool {
+    peer.is_some_and(|peer| trusted.iter().any(|net| net.contains(&peer.ip())))
 }
 
 /// A call whose status is not known yet. Dropped unfinished, it counts as `CANCELLED`.
@@ -217,10 +274,13 @@ impl Drop for Call {
 }
 
 pin_project! {
-    /// The answer of [`RpcService`]: the inner call polled inside its span.
+    /// The answer of [`RpcService`]: the inner call polled inside its span, until
+    /// `server.request_timeout`.
     pub struct RpcFuture<F> {
         #[pin]
         inner: F,
+        #[pin]
+        deadline: Sleep,
         call: Option<Call>,
         request_id: Option<HeaderValue>,
     }
@@ -235,9 +295,27 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let result = {
+        let polled = {
             let _entered = this.call.as_ref().map(|call| call.span.enter());
-            ready!(this.inner.poll(cx))
+            this.inner.poll(cx)
+        };
+        let result = match polled {
+            Poll::Ready(result) => result,
+            Poll::Pending => {
+                ready!(this.deadline.poll(cx));
+                // The inner call is dropped with this future; the answer is ours.
+                let mut call = this.call.take();
+                if let Some(call) = call.as_mut() {
+                    tracing::warn!(parent: &call.span, "call timed out (server.request_timeout)");
+                    call.finish(CANCELLED);
+                }
+                let (mut parts, ()) =
+                    tonic::Status::cancelled("Timeout expired").into_http::<()>().into_parts();
+                if let Some(request_id) = this.request_id.take() {
+                    parts.headers.insert(REQUEST_ID, request_id);
+                }
+                return Poll::Ready(Ok(Response::from_parts(parts, RpcBody { inner: None, call: None })));
+            }
         };
         let mut call = this.call.take();
         Poll::Ready(match result {
@@ -258,7 +336,7 @@ where
                     }
                 }
                 let call = call.filter(|call| !call.finished);
-                Ok(Response::from_parts(parts, RpcBody { inner: body, call }))
+                Ok(Response::from_parts(parts, RpcBody { inner: Some(body), call }))
             }
             Err(error) => {
                 if let Some(mut call) = call {
@@ -271,10 +349,11 @@ where
 }
 
 pin_project! {
-    /// The answer's body: watches for the trailers that carry the status.
+    /// The answer's body: watches for the trailers that carry the status. `None` for our own
+    /// timeout answer (trailers-only: no body).
     pub struct RpcBody<B> {
         #[pin]
-        inner: B,
+        inner: Option<B>,
         call: Option<Call>,
     }
 }
@@ -288,7 +367,8 @@ impl<B: Body> Body for RpcBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
+        let Some(inner) = this.inner.as_pin_mut() else { return Poll::Ready(None) };
+        let frame = ready!(inner.poll_frame(cx));
         if let Some(call) = this.call.as_mut() {
             match &frame {
                 Some(Ok(frame)) => {
@@ -310,11 +390,11 @@ impl<B: Body> Body for RpcBody<B> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }
 
@@ -414,6 +494,26 @@ mod tests {
         assert_eq!(CODES[grpc_code(&HeaderValue::from_static("x"))], "UNKNOWN");
         assert_eq!(CODES[http_code(StatusCode::SERVICE_UNAVAILABLE)], "UNAVAILABLE");
         assert_eq!(CODES[http_code(StatusCode::NOT_FOUND)], "UNIMPLEMENTED");
+    }
+
+    #[test]
+    fn traces_are_continued_only_from_trusted_proxies() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()];
+        let peer = |addr: &str| Some(addr.parse::<SocketAddr>().unwrap());
+        assert!(is_trusted(peer("10.1.2.3:5000"), &trusted));
+        assert!(is_trusted(peer("[::1]:5000"), &trusted));
+        assert!(!is_trusted(peer("192.0.2.1:5000"), &trusted));
+        assert!(!is_trusted(None, &trusted), "no known peer: not trusted");
+        assert!(!is_trusted(peer("10.1.2.3:5000"), &[]), "nobody by default");
+    }
+
+    #[test]
+    fn hot_methods_are_resolved_up_front() {
+        for path in HOT_PATHS {
+            let method = METHODS.get(path);
+            assert_eq!(method.name, &path[1..], "{path} is a served method");
+            assert!(method.series[OK].get().is_some(), "{path}: OK resolved");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! | --- | --- |
 //! | `GET /healthz` | `200 ok`: the process is up (liveness) |
 //! | `GET /readyz` | `200 ready` while the database and Redis answer and no shutdown has begun; else `503` naming what is wrong |
+//! | `GET /readyz?exclude=database` | the same without the database (`exclude` may repeat; `database`, `redis`; another name is `400`) |
 //! | `GET /metrics` | Prometheus metrics, OpenMetrics text (see [`crate::metrics`]) |
 //! | `GET /.well-known/jwks.json` | the public signing keys (RFC 7517), cacheable for 5 minutes |
 //!
@@ -26,7 +27,7 @@ use anyhow::Context;
 use axum::{
     Router,
     body::Bytes,
-    extract::State,
+    extract::{RawQuery, State},
     http::{HeaderValue, StatusCode, header},
     response::IntoResponse,
     routing::get,
@@ -92,20 +93,63 @@ impl Readiness {
         self.inner.stopping.store(true, Ordering::Relaxed);
     }
 
-    /// `Ok` when ready, else what is wrong (`database unreachable, shutting down`).
-    pub fn check(&self) -> Result<(), String> {
+    /// `Ok` when ready, else what is wrong (`database unreachable, shutting down`); the
+    /// checks in `exclude` are left out (shutdown never is).
+    pub fn check(&self, exclude: Exclusions) -> Result<(), String> {
         let state = &self.inner;
         let mut problems = Vec::new();
-        if state.database_down.load(Ordering::Relaxed) {
+        if !exclude.database && state.database_down.load(Ordering::Relaxed) {
             problems.push("database unreachable".to_string());
         }
-        if state.hot_state_down.load(Ordering::Relaxed) {
+        if !exclude.redis && state.hot_state_down.load(Ordering::Relaxed) {
             problems.push(format!("{} unreachable", state.hot_state_name));
         }
         if state.stopping.load(Ordering::Relaxed) {
             problems.push("shutting down".to_string());
         }
         if problems.is_empty() { Ok(()) } else { Err(problems.join(", ")) }
+    }
+}
+
+/// The readiness checks a probe leaves out: `/readyz?exclude=database` (repeatable, as the
+/// Kubernetes API server's `/readyz?exclude=etcd`).
+///
+/// `exclude=database` is what a replica needs to keep answering ValidateToken and ext_authz
+/// `Check`, which use only the keys and the hot state: a failover of the shared database
+/// must not take every replica out of the Service. `redis` can be named too (it then leaves
+/// only shutdown). A name we do not know answers `400` rather than being ignored: a typo
+/// (`exclude=databse`) would otherwise quietly keep the database in the check and show only
+/// in the outage it was meant for. Other query parameters are ignored. The validator knows
+/// the same names (it has no database: `exclude=database` changes nothing there), so one
+/// probe path suits both modes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Exclusions {
+    pub database: bool,
+    pub redis: bool,
+}
+
+impl Exclusions {
+    /// From the raw query string (`exclude=database&exclude=redis`); `Err` names an unknown
+    /// check.
+    pub fn from_query(query: Option<&str>) -> Result<Exclusions, String> {
+        let mut exclusions = Exclusions::default();
+        let pairs = query.unwrap_or_default().split('&').filter(|pair| !pair.is_empty());
+        for (key, value) in pairs.map(|pair| pair.split_once('=').unwrap_or((pair, ""))) {
+            if key != "exclude" {
+                continue;
+            }
+            match value {
+                "database" => exclusions.database = true,
+                "redis" => exclusions.redis = true,
+                other => {
+                    let shown: String = other.chars().take(64).collect();
+                    return Err(format!(
+                        "unknown readiness check {shown:?} in exclude (known: database, redis)"
+                    ));
+                }
+            }
+        }
+        Ok(exclusions)
     }
 }
 
@@ -123,8 +167,12 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-async fn readyz(State(state): State<OpsState>) -> impl IntoResponse {
-    match state.readiness.check() {
+async fn readyz(State(state): State<OpsState>, RawQuery(query): RawQuery) -> impl IntoResponse {
+    let exclude = match Exclusions::from_query(query.as_deref()) {
+        Ok(exclude) => exclude,
+        Err(error) => return (StatusCode::BAD_REQUEST, format!("{error}\n")),
+    };
+    match state.readiness.check(exclude) {
         Ok(()) => (StatusCode::OK, "ready\n".to_string()),
         Err(problems) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {problems}\n")),
     }
@@ -185,15 +233,50 @@ mod tests {
 
     #[test]
     fn readiness_names_every_problem() {
+        let all = Exclusions::default();
         let readiness = Readiness::new(true);
-        assert_eq!(readiness.check(), Ok(()));
+        assert_eq!(readiness.check(all), Ok(()));
         readiness.set_hot_state(false);
-        assert_eq!(readiness.check(), Err("redis unreachable".into()));
+        assert_eq!(readiness.check(all), Err("redis unreachable".into()));
         readiness.set_database(false);
         readiness.set_stopping();
-        assert_eq!(readiness.check(), Err("database unreachable, redis unreachable, shutting down".into()));
+        assert_eq!(
+            readiness.check(all),
+            Err("database unreachable, redis unreachable, shutting down".into())
+        );
         readiness.set_database(true);
         readiness.set_hot_state(true);
-        assert_eq!(readiness.check(), Err("shutting down".into()), "never ready again after shutdown");
+        assert_eq!(readiness.check(all), Err("shutting down".into()), "never ready again after shutdown");
+    }
+
+    #[test]
+    fn excluded_checks_are_left_out_but_never_shutdown() {
+        let readiness = Readiness::new(true);
+        readiness.set_database(false);
+        let no_database = Exclusions { database: true, redis: false };
+        assert_eq!(readiness.check(no_database), Ok(()));
+        readiness.set_hot_state(false);
+        assert_eq!(readiness.check(no_database), Err("redis unreachable".into()));
+        let neither = Exclusions { database: true, redis: true };
+        assert_eq!(readiness.check(neither), Ok(()));
+        readiness.set_stopping();
+        assert_eq!(readiness.check(neither), Err("shutting down".into()));
+    }
+
+    #[test]
+    fn exclusions_are_read_from_the_query() {
+        let parse = Exclusions::from_query;
+        assert_eq!(parse(None), Ok(Exclusions::default()));
+        assert_eq!(parse(Some("")), Ok(Exclusions::default()));
+        assert_eq!(parse(Some("exclude=database")), Ok(Exclusions { database: true, redis: false }));
+        assert_eq!(
+            parse(Some("exclude=database&verbose&exclude=redis")),
+            Ok(Exclusions { database: true, redis: true })
+        );
+        assert_eq!(parse(Some("exclude=database&exclude=database")).map(|e| e.database), Ok(true));
+        for bad in ["exclude=databse", "exclude=", "exclude", "exclude=Database", "exclude=database,redis"] {
+            let error = parse(Some(bad)).unwrap_err();
+            assert!(error.starts_with("unknown readiness check"), "{bad}: {error}");
+        }
     }
 }

@@ -65,7 +65,9 @@ impl Incoming {
         };
         let tcp = TcpIncoming::bind(server.listen)
             .with_context(|| format!("cannot listen on {}", server.listen))?
-            .with_nodelay(Some(true));
+            .with_nodelay(Some(true))
+            // Dead peers are noticed by the kernel too (TLS connections included).
+            .with_keepalive(Some(super::TCP_KEEPALIVE));
         Ok(match tls {
             None => Incoming::Plain(tcp),
             Some((config, state)) => Incoming::Tls(TlsIncoming { tcp, config: Arc::new(config), state }),

@@ -8,10 +8,9 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use tokio::sync::watch;
-use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
-use super::{connect_hot, observe, ops, tls, until};
+use super::{connect_hot, grpc_server, health, observe, ops, tls, until, with_tcp_keepalive};
 use crate::{
     api::{ExtAuthzApi, ValidatorAuthApi, pb},
     config::Settings,
@@ -102,10 +101,9 @@ impl ValidatorApp {
             None
         };
         let (stop_accepting_tx, stop_accepting) = tokio::sync::oneshot::channel::<()>();
-        let server = Server::builder()
-            .timeout(settings.server.request_timeout)
-            // The `rpc` span, `x-request-id` and the per-RPC metrics.
-            .layer(observe::RpcLayer)
+        let server = grpc_server(&settings.server)
+            // The `rpc` span, `x-request-id`, `server.request_timeout` and the per-RPC metrics.
+            .layer(observe::RpcLayer::new(settings.server.request_timeout, &settings.server.trusted_proxies))
             .add_service(health_service)
             .add_optional_service(reflection)
             .add_service(pb::auth_service_server::AuthServiceServer::new(ValidatorAuthApi::new(
@@ -118,7 +116,9 @@ impl ValidatorApp {
             _ = stop_accepting.await;
         };
         let server: tls::Serving<'_> = match incoming {
-            tls::Incoming::Plain(tcp) => Box::pin(server.serve_with_incoming_shutdown(tcp, stop)),
+            tls::Incoming::Plain(tcp) => {
+                Box::pin(server.serve_with_incoming_shutdown(with_tcp_keepalive(tcp), stop))
+            }
             tls::Incoming::Tls(tls) => Box::pin(server.serve_with_incoming_shutdown(tls.into_stream(), stop)),
         };
         tracing::info!(%addr, tls = settings.server.tls.files().is_some(), "portcullis validator serving gRPC");
@@ -159,7 +159,8 @@ async fn report(reporter: &tonic_health::server::HealthReporter, status: Serving
     }
 }
 
-/// SERVING (and ready) while the hot state answers (revocations cannot be known otherwise).
+/// SERVING (and ready) while the hot state answers (revocations cannot be known otherwise);
+/// down after `health::FAILURES_BEFORE_DOWN` failed pings in a row, as in the full server.
 async fn watch_hot_state(
     reporter: tonic_health::server::HealthReporter,
     hot: DynHotState,
@@ -168,12 +169,21 @@ async fn watch_hot_state(
     mut stopping: watch::Receiver<bool>,
 ) {
     let mut last = ServingStatus::Serving;
+    let mut pings = health::Debounce::default();
     loop {
-        let up = matches!(tokio::time::timeout(Duration::from_secs(2), hot.ping()).await, Ok(Ok(())));
-        let status = if up { ServingStatus::Serving } else { ServingStatus::NotServing };
+        let answered = match tokio::time::timeout(health::PING_TIMEOUT, hot.ping()).await {
+            Ok(answer) => answer.is_ok(),
+            // An error answer was counted where it was made; a timeout is counted here.
+            Err(_) => {
+                crate::metrics::hot_state_error();
+                false
+            }
+        };
         if *stopping.borrow() {
             return;
         }
+        let up = pings.note(answered);
+        let status = if up { ServingStatus::Serving } else { ServingStatus::NotServing };
         readiness.set_hot_state(up);
         if status != last {
             report(&reporter, status).await;

@@ -1,6 +1,7 @@
-//! Observability: `/metrics` after real calls, `/readyz` as dependencies come and go and
-//! during shutdown, `x-request-id`, the validator's ops port, and logs that never hold a
-//! secret (captured with a subscriber of the test's own).
+//! Observability: `/metrics` after real calls, `/readyz` (and `/readyz?exclude=database`) as
+//! dependencies come and go and during shutdown, `x-request-id` (timed-out calls included),
+//! Redis errors counted when the revocation copy answers, the validator's ops port, and logs
+//! that never hold a secret (captured with a subscriber of the test's own).
 //!
 //! Metrics are process-wide and `cargo test` runs every test of this binary in one process,
 //! so assertions compare a scrape before and after the calls (at least so much more)
@@ -17,6 +18,7 @@ use base64::{Engine, engine::general_purpose::STANDARD};
 use portcullis::{
     api::pb::{self, account_service_client::AccountServiceClient, auth_service_client::AuthServiceClient},
     config::RateLimit,
+    hot::{HotState, RedisHotState},
     startup::ValidatorApp,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -239,6 +241,8 @@ async fn the_validator_serves_the_ops_routes(backend: Backend) {
     assert_eq!(http_get(ops, "/healthz").await.0, 200);
     let (status, _, body) = http_get(ops, "/readyz").await;
     assert_eq!((status, body.as_str()), (200, "ready\n"));
+    // The probe path the chart uses for the server suits the validator too.
+    assert_eq!(http_get(ops, "/readyz?exclude=database").await.0, 200);
     // The key set the validator fetched: the central's.
     let (status, content_type, jwks) = http_get(ops, "/.well-known/jwks.json").await;
     assert_eq!((status, content_type.as_str()), (200, "application/json"));
@@ -270,11 +274,20 @@ async fn readyz_follows_the_database_and_redis() {
             got == status && body.contains(text)
         }
     };
+    const WITHOUT_DATABASE: &str = "/readyz?exclude=database";
     assert_eq!(http_get(ops, "/readyz").await, (200, "text/plain; charset=utf-8".into(), "ready\n".into()));
+    assert_eq!(http_get(ops, WITHOUT_DATABASE).await.0, 200);
+    let (status, _, body) = http_get(ops, "/readyz?exclude=databse").await;
+    assert_eq!(status, 400, "an unknown check is refused, not ignored: {body}");
+    assert!(body.contains("unknown readiness check \"databse\""), "{body}");
+    let (access, _, _) = app.user_session("ada").await;
 
     let before = scrape(ops).await;
     redis.cut();
     assert!(eventually(Duration::from_secs(10), answers(503, "not ready: redis unreachable")).await);
+    // Without Redis no replica can know revocations: unready whatever is excluded.
+    let (status, _, body) = http_get(ops, WITHOUT_DATABASE).await;
+    assert_eq!((status, body.as_str()), (503, "not ready: redis unreachable\n"));
     redis.restore();
     assert!(eventually(Duration::from_secs(15), answers(200, "ready")).await, "ready again");
     let after = scrape(ops).await;
@@ -282,6 +295,11 @@ async fn readyz_follows_the_database_and_redis() {
 
     database.cut();
     assert!(eventually(Duration::from_secs(10), answers(503, "not ready: database unreachable")).await);
+    // ValidateToken needs only the keys and Redis: the replica stays ready for a probe that
+    // excludes the database, and still answers.
+    let (status, _, body) = http_get(ops, WITHOUT_DATABASE).await;
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+    assert!(app.validate(&access).await.valid, "ValidateToken works without the database");
     database.restore();
     assert!(eventually(Duration::from_secs(15), answers(200, "ready")).await, "ready again");
     let last = scrape(ops).await;
@@ -289,6 +307,79 @@ async fn readyz_follows_the_database_and_redis() {
         grew(&after, &last, "portcullis_store_errors_total", &[("kind", "unavailable")]) >= 1.0,
         "{last}"
     );
+}
+
+/// With the revocation feed down and Redis unreachable, checks are answered from this
+/// replica's copy (within `redis.revocation_max_staleness`); each failed Redis call is still
+/// counted in `portcullis_hot_state_errors_total`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_errors_are_counted_when_the_revocation_copy_answers() {
+    let Some(redis_url) = support::redis_url() else {
+        support::skip("Redis error counting");
+        return;
+    };
+    let proxy = support::TcpProxy::start(&support::redis_host_port(&redis_url)).await;
+    let url = support::with_host_port(&redis_url, &proxy.addr().to_string());
+    let prefix = format!("test:{}:", uuid::Uuid::new_v4().simple());
+    let hot = RedisHotState::connect(&url, prefix)
+        .await
+        .expect("Redis through the proxy")
+        .with_revocation_feed(Duration::from_secs(60));
+    assert!(eventually(Duration::from_secs(10), || async { hot.revocations_mirrored() }).await, "synced");
+
+    proxy.cut();
+    assert!(eventually(Duration::from_secs(10), || async { !hot.revocations_mirrored() }).await, "feed lost");
+    let before = portcullis::metrics::render();
+    let checks = 5;
+    for _ in 0..checks {
+        let revoked = hot.is_session_revoked(uuid::Uuid::new_v4()).await;
+        assert!(!revoked.expect("answered from the copy, within the staleness bound"));
+    }
+    let after = portcullis::metrics::render();
+    let sent = hot.revocation_checks_sent();
+    assert!(sent >= checks, "the checks went to Redis first: {sent}");
+    assert!(
+        grew(&before, &after, "portcullis_hot_state_errors_total", &[]) >= checks as f64,
+        "every failed Redis call counted:\n{before}\n{after}"
+    );
+}
+
+/// `server.request_timeout` is enforced inside our layer: the timed-out answer carries the
+/// request id and is counted, as `CANCELLED` (what tonic's own timeout answered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timed_out_calls_carry_the_request_id() {
+    // bcrypt cost 13 keeps a login (of an unknown user: the same work) far past 200 ms.
+    let Some(app) = spawn_app_with(Backend::Embedded, |s| {
+        s.password.bcrypt_cost = 13;
+        s.password.hashing_concurrency = Some(1);
+        s.server.request_timeout = Duration::from_millis(200);
+    })
+    .await
+    else {
+        return;
+    };
+    let ops = app.ops_addr.unwrap();
+    let before = scrape(ops).await;
+    let mut request = Request::new(pb::LoginRequest {
+        identifier: "nobody".into(),
+        password: PASSWORD.into(),
+        client: None,
+    });
+    request.metadata_mut().insert("x-request-id", "slow-1".parse().unwrap());
+    let started = std::time::Instant::now();
+    let status = app.auth.clone().login(request).await.unwrap_err();
+    assert_eq!((status.code(), status.message()), (Code::Cancelled, "Timeout expired"), "{status:?}");
+    assert_eq!(status.metadata().get("x-request-id").expect("x-request-id on the timeout"), "slow-1");
+    let elapsed = started.elapsed();
+    assert!(elapsed >= Duration::from_millis(200) && elapsed < Duration::from_secs(3), "{elapsed:?}");
+    let after = scrape(ops).await;
+    assert!(
+        grew(&before, &after, "portcullis_grpc_requests_total", &[("method", LOGIN), ("code", "CANCELLED")])
+            >= 1.0,
+        "{after}"
+    );
+    // Quick calls are untouched.
+    assert!(!app.validate("not.a.token").await.valid);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,8 @@
 //! gRPC over TLS and mutual TLS (`server.tls`): who is served and who is refused, the peer
 //! address over TLS, certificates rotated on disk the way cert-manager and the kubelet do it
 //! (a `..data` symlink swapped to a new directory), files that do not load, start-up errors,
-//! and the validator mode. Certificates are made here with rcgen.
+//! and the validator mode, serving TLS and fetching its keys from a central instance over
+//! mutual TLS. Certificates are made here with rcgen.
 
 use std::{
     net::SocketAddr,
@@ -12,8 +13,9 @@ use std::{
 
 use portcullis::{
     api::pb::{self, auth_service_client::AuthServiceClient, session_service_client::SessionServiceClient},
-    config::{Settings, TlsSettings},
+    config::{CentralTlsSettings, Settings, TlsSettings},
     startup::{Application, ValidatorApp},
+    validator::KeySource,
 };
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
@@ -245,6 +247,7 @@ async fn handshake(
 
 struct TlsApp {
     addr: SocketAddr,
+    settings: Settings,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
     _data: tempfile::TempDir,
@@ -269,13 +272,13 @@ async fn spawn_tls(backend: Backend, tls: TlsSettings) -> Option<TlsApp> {
     let (mut settings, data) = test_settings(backend).await?;
     settings.server.tls = tls;
     portcullis::telemetry::init(&settings.log);
-    let app = Application::build(settings).await.expect("server builds");
+    let app = Application::build(settings.clone()).await.expect("server builds");
     let addr = app.local_addr();
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run(async move {
         _ = stopped.await;
     }));
-    Some(TlsApp { addr, stop: Some(stop), server: Some(server), _data: data })
+    Some(TlsApp { addr, settings, stop: Some(stop), server: Some(server), _data: data })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -518,4 +521,133 @@ async fn a_validator_serves_over_mutual_tls() {
     assert!(answer.valid, "{answer:?}");
     _ = stop.send(());
     server.await.unwrap().expect("validator stops cleanly");
+}
+
+/// A validator whose `central_url` is `https://`: it fetches the keys over mutual TLS with
+/// `validator.central_tls` (CA + client certificate) and validates the central's tokens;
+/// without a client certificate, with a CA that does not issue the central's certificate, or
+/// with a `server_name` the certificate does not carry, it does not start, and says why. The
+/// files are read again at every fetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_validator_fetches_its_keys_from_a_central_instance_over_mutual_tls() {
+    let central_dir = tempfile::tempdir().unwrap();
+    let (server_ca, client_ca, other_ca) = (Ca::new("server CA"), Ca::new("client CA"), Ca::new("other CA"));
+    let mount =
+        Mount::new(central_dir.path(), &as_refs(&server_files(&server_ca.server(), Some(&client_ca))));
+    let Some(central) = spawn_tls(Backend::Embedded, tls_settings(&mount, true)).await else { return };
+
+    // A token issued by the central instance (over mutual TLS too).
+    let channel =
+        tls_channel(central.addr, client_config(&[&server_ca], Some(&client_ca.client()))).await.unwrap();
+    let mut auth = AuthServiceClient::new(channel);
+    auth.register(pb::RegisterRequest {
+        username: "sidecar-tls".into(),
+        email: "sidecar-tls@example.com".into(),
+        password: PASSWORD.into(),
+        first_name: "Sidecar".into(),
+        last_name: "Tls".into(),
+        client: None,
+    })
+    .await
+    .expect("Register");
+    let login = auth
+        .login(pb::LoginRequest { identifier: "sidecar-tls".into(), password: PASSWORD.into(), client: None })
+        .await
+        .expect("Login")
+        .into_inner();
+    let Some(pb::login_response::Outcome::Authenticated(session)) = login.outcome else {
+        panic!("login did not authenticate: {login:?}")
+    };
+    let access = session.tokens.unwrap().access_token;
+
+    // The validator's files: the central's CA, and a client certificate of the client CA.
+    let files = tempfile::tempdir().unwrap();
+    let write = |name: &str, content: &str| {
+        let path = files.path().join(name);
+        std::fs::write(&path, content).unwrap();
+        path
+    };
+    let identity = client_ca.client();
+    let ca_file = write("ca.crt", &server_ca.pem());
+    let other_ca_file = write("other-ca.crt", &other_ca.pem());
+    let cert_file = write("tls.crt", &identity.cert_pem());
+    let key_file = write("tls.key", &identity.key_pem());
+    let mutual = CentralTlsSettings {
+        ca_file: Some(ca_file.clone()),
+        cert_file: Some(cert_file.clone()),
+        key_file: Some(key_file.clone()),
+        server_name: None,
+    };
+    let validator_settings = |tls: CentralTlsSettings| {
+        let mut settings = central.settings.clone();
+        settings.server.listen = "127.0.0.1:0".parse().unwrap();
+        settings.server.tls = TlsSettings::default();
+        settings.allow_memory_hot_state = true;
+        settings.validator.central_url = Some(format!("https://localhost:{}", central.addr.port()));
+        settings.validator.central_tls = tls;
+        settings
+    };
+
+    let validator = ValidatorApp::build(validator_settings(mutual.clone())).await.expect("validator builds");
+    let addr = validator.local_addr();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(validator.run(async move {
+        _ = stopped.await;
+    }));
+    let answer = AuthServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+        .validate_token(pb::ValidateTokenRequest { token: access.clone(), required_roles: vec![] })
+        .await
+        .expect("the validator answers")
+        .into_inner();
+    assert!(answer.valid, "the central's token is valid at the validator: {answer:?}");
+    _ = stop.send(());
+    server.await.unwrap().expect("validator stops cleanly");
+
+    // Refused set-ups stop start-up with the reason.
+    let cases = [
+        (
+            "no client certificate",
+            CentralTlsSettings { cert_file: None, key_file: None, ..mutual.clone() },
+            "without a client certificate: a central instance with mutual TLS needs validator.central_tls.cert_file",
+        ),
+        (
+            "a CA that did not issue the central's certificate",
+            CentralTlsSettings { ca_file: Some(other_ca_file), ..mutual.clone() },
+            "UnknownIssuer",
+        ),
+        (
+            "a server name the certificate does not carry",
+            CentralTlsSettings { server_name: Some("central.example".into()), ..mutual.clone() },
+            "certificate not valid for name \"central.example\"",
+        ),
+        (
+            "the compiled-in public roots (no ca_file)",
+            CentralTlsSettings { ca_file: None, ..mutual.clone() },
+            "UnknownIssuer",
+        ),
+    ];
+    for (case, tls, says) in cases {
+        let error = match ValidatorApp::build(validator_settings(tls)).await {
+            Ok(_) => panic!("the validator started with {case}"),
+            Err(error) => format!("{error:#}"),
+        };
+        assert!(error.contains("cannot load the public keys"), "{case}: {error}");
+        assert!(error.contains(says), "{case}: the error says {says:?}: {error}");
+    }
+
+    // Each fetch reads the files again: a client certificate of another CA is refused at
+    // the next fetch, a new one of the right CA is taken.
+    let source = KeySource::from_settings(&validator_settings(mutual.clone()).validator).unwrap();
+    let jwks = source.fetch().await.expect("fetch over mutual TLS");
+    assert!(jwks.contains("\"keys\""), "{jwks}");
+    let foreign = other_ca.client();
+    write("tls.crt", &foreign.cert_pem());
+    write("tls.key", &foreign.key_pem());
+    assert!(source.fetch().await.is_err(), "the rotated (foreign) client certificate is used");
+    let renewed = client_ca.client();
+    write("tls.crt", &renewed.cert_pem());
+    write("tls.key", &renewed.key_pem());
+    source.fetch().await.expect("the renewed client certificate is used");
 }
