@@ -6,7 +6,7 @@ mod health;
 mod observe;
 pub mod ops;
 mod secrets;
-mod tls;
+pub(crate) mod tls;
 mod validator;
 
 pub use validator::ValidatorApp;

@@ -382,7 +382,8 @@ impl TlsFiles {
     }
 }
 
-fn pem_certificates(pem: &[u8], path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+/// The certificates of a PEM file (at least one); errors name `path`.
+pub(crate) fn pem_certificates(pem: &[u8], path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|error| anyhow::anyhow!("{}: invalid PEM: {error}", path.display()))?;

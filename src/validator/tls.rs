@@ -22,12 +22,12 @@ use tokio_rustls::{
     rustls::{
         ClientConfig, RootCertStore,
         crypto::aws_lc_rs,
-        pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
+        pki_types::{PrivateKeyDer, ServerName, pem::PemObject},
     },
 };
 use tonic::transport::Uri;
 
-use crate::config::CentralTlsSettings;
+use crate::{config::CentralTlsSettings, startup::tls::pem_certificates};
 
 /// Reads the configured files and builds the client configuration: trust in `ca_file`'s CAs
 /// (or the compiled-in public roots without it), the client certificate when set, ALPN h2.
@@ -36,7 +36,7 @@ pub async fn client_config(settings: &CentralTlsSettings) -> anyhow::Result<Arc<
         Some(path) => {
             let pem = read(path, "CA file (validator.central_tls.ca_file)").await?;
             let mut roots = RootCertStore::empty();
-            for cert in certificates(&pem, path)? {
+            for cert in pem_certificates(&pem, path)? {
                 roots
                     .add(cert)
                     .with_context(|| format!("{}: not a usable CA certificate", path.display()))?;
@@ -59,7 +59,7 @@ pub async fn client_config(settings: &CentralTlsSettings) -> anyhow::Result<Arc<
                     key_path.display()
                 )
             })?;
-            builder.with_client_auth_cert(certificates(&cert, cert_path)?, key).with_context(|| {
+            builder.with_client_auth_cert(pem_certificates(&cert, cert_path)?, key).with_context(|| {
                 format!(
                     "{} and {} do not make a usable client certificate and key",
                     cert_path.display(),
@@ -76,16 +76,6 @@ pub async fn client_config(settings: &CentralTlsSettings) -> anyhow::Result<Arc<
 
 async fn read(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
     tokio::fs::read(path).await.with_context(|| format!("cannot read the {what} {}", path.display()))
-}
-
-fn certificates(pem: &[u8], path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|error| anyhow::anyhow!("{}: invalid PEM: {error}", path.display()))?;
-    if certs.is_empty() {
-        anyhow::bail!("{}: no PEM certificate in it", path.display());
-    }
-    Ok(certs)
 }
 
 /// The host of `uri` without the brackets of an IPv6 literal.

@@ -25,5 +25,6 @@ mod ops;
 mod refresh;
 mod register;
 mod sessions;
+mod sidecar;
 mod tls;
 mod validator;
