@@ -571,8 +571,8 @@ fn legend(args: &Args, rows: &[Row], revoked: usize, ticks: u64) -> Vec<String> 
     say(
         "validate-cold",
         format!(
-            "ValidateToken cold: a token never seen on every call ({} minted): full signature \
-             verification each time",
+            "ValidateToken cold: a token never seen on every call ({} minted over 1000 sessions, as \
+             refreshes make them): full signature verification each time",
             args.cold_tokens
         ),
     );
