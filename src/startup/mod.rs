@@ -272,12 +272,7 @@ impl Application {
             _ = stop_accepting.await;
         };
         // The router becomes the serving future, over plaintext TCP or TLS connections.
-        let server: tls::Serving<'_> = match incoming {
-            tls::Incoming::Plain(tcp) => {
-                Box::pin(server.serve_with_incoming_shutdown(with_tcp_keepalive(tcp), stop))
-            }
-            tls::Incoming::Tls(tls) => Box::pin(server.serve_with_incoming_shutdown(tls.into_stream(), stop)),
-        };
+        let server = incoming.serve(server, stop);
         tracing::info!(%addr, tls = settings.server.tls.files().is_some(), "portcullis serving gRPC");
 
         tokio::pin!(server);
@@ -309,12 +304,7 @@ impl Application {
         _ = tokio::time::timeout(Duration::from_secs(1), purge_task).await;
         _ = tokio::time::timeout(Duration::from_secs(5), outbox_task).await;
         if let Some(ops_task) = ops_task {
-            match tokio::time::timeout(Duration::from_secs(5), ops_task).await {
-                Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(error))) => tracing::error!(%error, "ops HTTP server failed"),
-                Ok(Err(error)) => tracing::error!(%error, "ops HTTP server task failed"),
-                Err(_) => tracing::warn!("ops HTTP connections still open after 5 s: dropped"),
-            }
+            ops::finish(ops_task, Duration::from_secs(5)).await;
         }
         health_task.abort();
         tracing::info!("portcullis stopped");
@@ -333,10 +323,15 @@ const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
 /// The gRPC server of both modes, before its layers and services: connection keepalive
-/// (HTTP/2 PING, and TCP keepalive for plaintext in [`with_tcp_keepalive`]) and
+/// (HTTP/2 PING here; TCP keepalive on the accepted sockets in [`tls::Incoming::bind`], as
+/// tonic's `Server::tcp_keepalive` is ignored with `serve_with_incoming`) and
 /// `server.max_connection_age`. `server.request_timeout` is enforced by
 /// [`observe::RpcLayer`], not by tonic's `timeout`, which would answer outside our layer
 /// (without `x-request-id`).
+/// The gRPC router of both modes: [`grpc_server`] with [`observe::RpcLayer`].
+type GrpcRouter =
+    tonic::transport::server::Router<tower_layer::Stack<observe::RpcLayer, tower_layer::Identity>>;
+
 fn grpc_server(server: &crate::config::ServerSettings) -> Server {
     let builder = Server::builder()
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
@@ -348,12 +343,6 @@ fn grpc_server(server: &crate::config::ServerSettings) -> Server {
         Some(age) => builder.max_connection_age(age),
         None => builder,
     }
-}
-
-/// tonic's `Server::tcp_keepalive` is ignored with `serve_with_incoming`: the plaintext
-/// listener sets it on the accepted sockets itself (no per-call cost).
-fn with_tcp_keepalive(tcp: tonic::transport::server::TcpIncoming) -> tonic::transport::server::TcpIncoming {
-    tcp.with_keepalive(Some(TCP_KEEPALIVE))
 }
 
 /// Resolves once the flag turns true (or its sender is gone).

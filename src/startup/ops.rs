@@ -227,6 +227,17 @@ impl OpsServer {
     }
 }
 
+/// Waits (at most `limit`) for the ops server's task after the gRPC drain, logging how it
+/// ended.
+pub async fn finish(task: tokio::task::JoinHandle<std::io::Result<()>>, limit: std::time::Duration) {
+    match tokio::time::timeout(limit, task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(error))) => tracing::error!(%error, "ops HTTP server failed"),
+        Ok(Err(error)) => tracing::error!(%error, "ops HTTP server task failed"),
+        Err(_) => tracing::warn!(?limit, "ops HTTP connections still open: dropped"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -56,6 +56,18 @@ pub enum Incoming {
 }
 
 impl Incoming {
+    /// `router` serving these connections until `stop` resolves.
+    pub fn serve<'a>(
+        self,
+        router: super::GrpcRouter,
+        stop: impl Future<Output = ()> + Send + 'a,
+    ) -> Serving<'a> {
+        match self {
+            Incoming::Plain(tcp) => Box::pin(router.serve_with_incoming_shutdown(tcp, stop)),
+            Incoming::Tls(tls) => Box::pin(router.serve_with_incoming_shutdown(tls.into_stream(), stop)),
+        }
+    }
+
     /// Binds `server.listen` and, when `server.tls` names certificate files, loads them: an
     /// unreadable or invalid file fails start-up here.
     pub fn bind(server: &ServerSettings) -> anyhow::Result<Incoming> {

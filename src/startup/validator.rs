@@ -10,7 +10,7 @@ use anyhow::Context;
 use tokio::sync::watch;
 use tonic_health::ServingStatus;
 
-use super::{connect_hot, grpc_server, health, observe, ops, tls, until, with_tcp_keepalive};
+use super::{connect_hot, grpc_server, health, observe, ops, tls, until};
 use crate::{
     api::{ExtAuthzApi, ValidatorAuthApi, pb},
     config::Settings,
@@ -115,12 +115,7 @@ impl ValidatorApp {
         let stop = async {
             _ = stop_accepting.await;
         };
-        let server: tls::Serving<'_> = match incoming {
-            tls::Incoming::Plain(tcp) => {
-                Box::pin(server.serve_with_incoming_shutdown(with_tcp_keepalive(tcp), stop))
-            }
-            tls::Incoming::Tls(tls) => Box::pin(server.serve_with_incoming_shutdown(tls.into_stream(), stop)),
-        };
+        let server = incoming.serve(server, stop);
         tracing::info!(%addr, tls = settings.server.tls.files().is_some(), "portcullis validator serving gRPC");
         tokio::pin!(server);
         tokio::pin!(shutdown);
@@ -140,12 +135,7 @@ impl ValidatorApp {
         _ = stopping_tx.send(true);
         _ = drained_tx.send(true);
         if let Some(ops_task) = ops_task {
-            match tokio::time::timeout(Duration::from_secs(5), ops_task).await {
-                Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(error))) => tracing::error!(%error, "ops HTTP server failed"),
-                Ok(Err(error)) => tracing::error!(%error, "ops HTTP server task failed"),
-                Err(_) => tracing::warn!("ops HTTP connections still open after 5 s: dropped"),
-            }
+            ops::finish(ops_task, Duration::from_secs(5)).await;
         }
         health_task.abort();
         refresh_task.abort();
