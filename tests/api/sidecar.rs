@@ -31,13 +31,13 @@ fn free_addr() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
-/// The example binary cargo builds beside the test binaries (`--all-targets`, or
-/// `cargo build --features client --example protected_service`).
+/// The example binary `cargo build --features client --example protected_service` puts
+/// beside the test binaries (scripts/test builds it first).
 fn example_binary() -> Option<PathBuf> {
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_portcullis"));
     let path = exe.parent()?.join("examples").join("protected_service");
     crate::support::installed_tool(
-        "the protected_service example (built with --all-targets)",
+        "the protected_service example (cargo build --features client --example protected_service)",
         path.exists().then_some(path),
     )
 }

@@ -91,7 +91,8 @@ pub fn installed_tool<T>(what: &str, found: Option<T>) -> Option<T> {
     }
     if std::env::var("CI").is_ok_and(|ci| !ci.trim().is_empty()) {
         panic!(
-            "{what} is not installed in {} (CI must run scripts/install-test-tools.sh)",
+            "{what} is missing: CI must run the tests through scripts/test, which installs the tools \
+             in {} (scripts/install-test-tools.sh) and builds the example",
             tools_dir().display()
         );
     }
