@@ -151,10 +151,12 @@ impl PasswordHasher {
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// Threads of their own for bcrypt, at the lowest CPU priority (nice 19 on Linux): a login
-/// storm uses the CPU the hot path (ValidateToken) leaves, instead of time-slicing with it
-/// on the async workers' cores. As many threads as hashing permits, so a job never waits
-/// here (the semaphore in front is the queue, with its timeout).
+/// Threads of their own for bcrypt, at the lowest CPU priority Linux has (`SCHED_IDLE`): a
+/// login storm gets only the CPU the hot path (ValidateToken) leaves. Under `SCHED_IDLE` the
+/// scheduler preempts a hashing thread as soon as an async worker wakes; at nice 19 alone
+/// (the fallback) a worker could wait up to a scheduler slice behind it, which showed in
+/// ValidateToken's p99 during storms. As many threads as hashing permits, so a job never
+/// waits here (the semaphore in front is the queue, with its timeout).
 struct BcryptPool {
     jobs: std::sync::mpsc::Sender<Job>,
 }
@@ -194,13 +196,17 @@ impl BcryptPool {
     }
 }
 
-/// Nice 19 for the calling thread (Linux applies `setpriority(PRIO_PROCESS, 0)` to the
-/// thread). Raising one's niceness needs no privilege; failure only costs latency.
+/// `SCHED_IDLE` for the calling thread, and nice 19 in case that is refused (both apply to
+/// the thread on Linux when given id 0). Lowering one's own priority needs no privilege;
+/// failure only costs latency.
 fn lower_priority() {
     #[cfg(target_os = "linux")]
-    // SAFETY: setpriority has no memory-safety preconditions; it only reads its arguments.
+    // SAFETY: neither call has memory-safety preconditions: they read their arguments only
+    // (`param` lives across the call).
     unsafe {
         libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+        let param = libc::sched_param { sched_priority: 0 };
+        libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
     }
 }
 
@@ -287,6 +293,19 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(matches!(hasher.hash("waits too long").await, Err(HashError::Busy)));
         busy.await.unwrap().unwrap();
+    }
+
+    /// A login storm must not hold up the async workers: bcrypt runs on threads the
+    /// scheduler preempts as soon as anything else wants the CPU.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn bcrypt_threads_only_use_spare_cpu() {
+        let hasher = PasswordHasher::new(&PEPPER, 4, 2, QUEUE).await.unwrap();
+        // SAFETY: sched_getscheduler(0) reads the calling thread's policy; no preconditions.
+        let policy = hasher.blocking(|| unsafe { libc::sched_getscheduler(0) }).await.unwrap();
+        assert_eq!(policy, libc::SCHED_IDLE);
+        // SAFETY: as above, for this (test) thread: the lowering is the bcrypt threads' own.
+        assert_ne!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_IDLE);
     }
 
     proptest! {
