@@ -369,6 +369,7 @@ fn bench_runs_every_scenario_against_its_own_server() {
         "ext_authz Check (hot token",
         "spawn to Health SERVING:",
         "revocation lookup (",
+        "server page faults/context switches per request:",
         "targets:",
     ] {
         assert!(stdout.contains(line), "{line:?} missing:\n{stdout}");
@@ -383,6 +384,20 @@ fn bench_runs_every_scenario_against_its_own_server() {
         assert_eq!(row["errors"], 0, "{key}: {row}");
         assert!(row["latency"]["p99_us"].as_u64().is_some(), "{key}: {row}");
         assert!(row["server_cpu_us_per_request"].as_f64().is_some(), "{key}: {row}");
+        assert!(row["server_context_switches_per_request"].as_f64().is_some(), "{key}: {row}");
+    }
+    // On a KVM guest idling through cpuidle-haltpoll the run reports the poll time it ran
+    // with, and warns when idle vCPUs halt at once (the server then pays VM exits).
+    let driver =
+        std::fs::read_to_string("/sys/devices/system/cpu/cpuidle/current_driver").unwrap_or_default();
+    let poll = std::fs::read_to_string("/sys/module/haltpoll/parameters/guest_halt_poll_ns").ok();
+    match poll.filter(|_| driver.trim() == "haltpoll") {
+        Some(poll) => {
+            let poll: u64 = poll.trim().parse().unwrap();
+            assert_eq!(json["machine"]["halt_polling"]["poll_ns"], poll, "{}", json["machine"]);
+            assert_eq!(stdout.contains("WARNING: idle vCPUs of this VM halt at once"), poll == 0, "{stdout}");
+        }
+        None => assert!(json["machine"]["halt_polling"].is_null(), "{}", json["machine"]),
     }
     assert_eq!(json["in_process"].as_array().unwrap().len(), 3);
     assert!(json["server_peak_rss_kib"].as_u64().unwrap() > 0);

@@ -11,6 +11,7 @@
 //! per algorithm. See README.md, "Benchmarks".
 
 mod envoy;
+mod halt_poll;
 mod load;
 mod noop_authz;
 mod replicas;
@@ -174,6 +175,12 @@ struct Args {
     /// Do not pin the server and the bench to separate CPUs.
     #[arg(long)]
     no_pin: bool,
+    /// On a KVM guest whose idle vCPUs halt at once (cpuidle-haltpoll with
+    /// guest_halt_poll_ns = 0), let them poll this long first (e.g. 200us, the kernel's
+    /// default), for the run only (root; restored after): otherwise the server pays a VM exit
+    /// per answer to an idle load generator (README, "Benchmarks").
+    #[arg(long, value_parser = parse_duration)]
+    guest_halt_poll: Option<Duration>,
     /// Internal: serve the envoy scenario's do-nothing ext_authz server on ADDR and nothing else.
     #[arg(long, hide = true)]
     serve_noop_authz: Option<SocketAddr>,
@@ -292,6 +299,19 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let machine = Machine::detect();
     let mut pinning = Pinning::plan(&machine, args.no_pin, args.addr.is_some());
     let mut notes = Vec::new();
+    let _restore_halt_poll = halt_poll::RestoreOnDrop;
+    let halt_polling = match args.guest_halt_poll {
+        Some(poll) => {
+            let set = halt_poll::set(poll)?;
+            if set.is_none() {
+                notes.push(
+                    "--guest-halt-poll ignored: this machine does not idle through cpuidle-haltpoll".into(),
+                );
+            }
+            set
+        }
+        None => halt_poll::current().map(|ns| halt_poll::HaltPolling { poll_ns: ns, original_ns: None }),
+    };
 
     // The key first, then the tokens minted with it, on every core while nothing else runs.
     let mut prepared = None;
@@ -472,6 +492,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
                 Pinning::NotPinned { reason } => reason.clone(),
             },
             clock_ticks_per_second: probe.ticks_per_second,
+            halt_polling,
         },
         run: RunInfo {
             server: backend.map_or_else(

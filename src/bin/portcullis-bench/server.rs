@@ -476,6 +476,7 @@ pub fn clean_up_on_signal() {
         for dir in &dirs {
             _ = fs::remove_dir_all(dir);
         }
+        crate::halt_poll::restore();
         eprintln!("portcullis-bench: interrupted; {} child process(es) stopped", pids.len());
         std::process::exit(130);
     });
@@ -516,6 +517,34 @@ pub fn cpu_ticks(pid: u32) -> Option<u64> {
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     Some(utime + stime)
+}
+
+/// Page faults (minor + major) of a whole process: `/proc/<pid>/stat` fields 10 and 12.
+pub fn page_faults(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let minor: u64 = fields.get(7)?.parse().ok()?;
+    let major: u64 = fields.get(9)?.parse().ok()?;
+    Some(minor + major)
+}
+
+/// Context switches (voluntary + involuntary) summed over every thread of a process (the
+/// process's own `/proc/<pid>/status` counts its first thread only).
+pub fn context_switches(pid: u32) -> Option<u64> {
+    let mut total = 0;
+    for task in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let Ok(status) = fs::read_to_string(task.path().join("status")) else { continue };
+        total += status
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+            })
+            .filter_map(|v| v.trim().parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Some(total)
 }
 
 /// Peak resident set size (VmHWM), in KiB.
@@ -559,6 +588,9 @@ pub struct Sample {
     pub server_ticks: Option<u64>,
     pub own_ticks: Option<u64>,
     pub busy_ticks: Option<u64>,
+    /// The server's page faults and context switches (diagnostics: allocator churn, wake-ups).
+    pub server_faults: Option<u64>,
+    pub server_switches: Option<u64>,
 }
 
 /// Reads CPU time of the server (when its pid is known), of this process, and of the CPUs
@@ -585,6 +617,8 @@ impl Probe {
             server_ticks: self.server_pid.and_then(cpu_ticks).map(|t| t + extra),
             own_ticks: cpu_ticks(std::process::id()),
             busy_ticks: busy_ticks(&self.cpus),
+            server_faults: self.server_pid.and_then(page_faults),
+            server_switches: self.server_pid.and_then(context_switches),
         }
     }
 
@@ -629,6 +663,8 @@ mod tests {
     #[test]
     fn own_cpu_time_and_rss_are_readable() {
         assert!(cpu_ticks(std::process::id()).is_some());
+        assert!(page_faults(std::process::id()).is_some_and(|f| f > 0));
+        assert!(context_switches(std::process::id()).is_some());
         assert!(peak_rss_kib(std::process::id()).is_some_and(|k| k > 0));
     }
 }
