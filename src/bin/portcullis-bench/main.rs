@@ -299,19 +299,6 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let machine = Machine::detect();
     let mut pinning = Pinning::plan(&machine, args.no_pin, args.addr.is_some());
     let mut notes = Vec::new();
-    let _restore_halt_poll = halt_poll::RestoreOnDrop;
-    let halt_polling = match args.guest_halt_poll {
-        Some(poll) => {
-            let set = halt_poll::set(poll)?;
-            if set.is_none() {
-                notes.push(
-                    "--guest-halt-poll ignored: this machine does not idle through cpuidle-haltpoll".into(),
-                );
-            }
-            set
-        }
-        None => halt_poll::current().map(|ns| halt_poll::HaltPolling { poll_ns: ns, original_ns: None }),
-    };
 
     // The key first, then the tokens minted with it, on every core while nothing else runs.
     let mut prepared = None;
@@ -389,6 +376,20 @@ fn run(args: &Args) -> anyhow::Result<()> {
         let _guard = runtime.enter();
         server::clean_up_on_signal();
     }
+    // Changed only now that SIGINT/SIGTERM put it back (and the end of this function).
+    let _restore_halt_poll = halt_poll::RestoreOnDrop;
+    let halt_polling = match args.guest_halt_poll {
+        Some(poll) => {
+            let set = halt_poll::set(poll)?;
+            if set.is_none() {
+                notes.push(
+                    "--guest-halt-poll ignored: this machine does not idle through cpuidle-haltpoll".into(),
+                );
+            }
+            set
+        }
+        None => halt_poll::current().map(|ns| halt_poll::HaltPolling { poll_ns: ns, original_ns: None }),
+    };
     let probe = Probe {
         server_pid,
         extra_pids: Vec::new(),
@@ -462,6 +463,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
             Err(error) => failures.push(format!("revocation-replicas: {error:#}")),
         }
     }
+    // The rest runs in this thread alone, and without the signal handler of the runtime.
+    halt_poll::restore();
     drop(runtime);
 
     let mut in_process = Vec::new();
