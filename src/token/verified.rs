@@ -11,12 +11,21 @@
 //!   validations rarely wait on each other); a full shard replaces a random entry (O(1):
 //!   expired entries go when met, or when their slot is picked). About 200 bytes an entry,
 //!   so the default 16 384 is ~3 MiB.
+//! - Once a shard is full, a token gets in on its SECOND verification only (a doorkeeper
+//!   remembers a fingerprint of tokens seen once, in a lossy table of 2 × capacity slots,
+//!   16 bytes each): a flood of tokens used once (fresh tokens after refreshes, a scan)
+//!   then neither evicts the tokens in use nor pays for an insertion and an eviction each.
+//!   The price: a token that arrives while the cache is full is verified twice before it
+//!   is answered from the cache.
 //! - Revocation is NOT cached here: the caller checks it on every call.
 
 use std::{
     collections::HashMap,
     hash::{BuildHasherDefault, Hasher},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use aws_lc_rs::digest::{SHA256, digest};
@@ -62,6 +71,9 @@ impl Slots {
 pub(super) struct VerifiedCache {
     shards: Vec<Shard>,
     per_shard: usize,
+    /// Fingerprints of tokens verified once while their shard was full (see the module
+    /// docs); a power of two long.
+    seen_once: Box<[AtomicU64]>,
 }
 
 impl VerifiedCache {
@@ -69,7 +81,9 @@ impl VerifiedCache {
     pub(super) fn new(capacity: usize) -> VerifiedCache {
         let per_shard = capacity.div_ceil(SHARDS);
         let shards = (0..if capacity == 0 { 0 } else { SHARDS }).map(|_| Mutex::default()).collect();
-        VerifiedCache { shards, per_shard }
+        let slots = if capacity == 0 { 0 } else { (capacity * 2).next_power_of_two() };
+        let seen_once = (0..slots).map(|_| AtomicU64::new(0)).collect();
+        VerifiedCache { shards, per_shard, seen_once }
     }
 
     pub(super) fn key(token: &str) -> Key {
@@ -101,6 +115,8 @@ impl VerifiedCache {
         } else if shard.slots.len() < self.per_shard {
             shard.index.insert(key, shard.slots.len());
             shard.slots.push((key, claims));
+        } else if self.first_sight(&key) {
+            // Full, and a token not seen before: remembered, not admitted (module docs).
         } else {
             // Full: replace a slot chosen at random (the new key's own bytes are uniform),
             // O(1) and unbiased — no scan, and no part of the working set evicted first.
@@ -112,10 +128,23 @@ impl VerifiedCache {
         }
     }
 
+    /// Notes `key` as seen; whether it was NOT seen (recently) before. Lossy: another key
+    /// landing on the same slot makes a token wait for one more sighting, nothing worse.
+    fn first_sight(&self, key: &Key) -> bool {
+        // Bytes the shard (31), the index (0..8) and the victim (8..16) do not use.
+        let fingerprint = u64::from_le_bytes(key[16..24].try_into().expect("8 bytes")) | 1;
+        let slot =
+            u32::from_le_bytes(key[24..28].try_into().expect("4 bytes")) as usize % self.seen_once.len();
+        self.seen_once[slot].swap(fingerprint, Ordering::Relaxed) != fingerprint
+    }
+
     /// Forgets everything (the key set lost a key: its tokens must verify again, and fail).
     pub(super) fn clear(&self) {
         for shard in &self.shards {
             shard.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        }
+        for slot in &*self.seen_once {
+            slot.store(0, Ordering::Relaxed);
         }
     }
 
@@ -189,12 +218,52 @@ mod tests {
     fn stays_bounded() {
         let cache = VerifiedCache::new(160);
         for i in 0..10_000 {
-            cache.insert(VerifiedCache::key(&format!("token-{i}")), claims(1_000, "u"), 0);
+            // Each token twice, as a token in use is: the second sighting gets it in.
+            for _ in 0..2 {
+                cache.insert(VerifiedCache::key(&format!("token-{i}")), claims(1_000, "u"), 0);
+            }
         }
         assert!(cache.len() <= 160, "{}", cache.len());
         assert!(cache.len() >= 150, "a full shard evicts one, not all: {}", cache.len());
+        assert!(cache.get(&VerifiedCache::key("token-9999"), 1).is_some(), "the latest token in use is in");
         let disabled = VerifiedCache::new(0);
         disabled.insert(VerifiedCache::key("t"), claims(1_000, "u"), 0);
         assert_eq!(disabled.len(), 0);
+    }
+
+    #[test]
+    fn tokens_used_once_do_not_push_out_the_ones_in_use() {
+        let cache = VerifiedCache::new(160);
+        let in_use: Vec<Key> = (0..1_000).map(|i| VerifiedCache::key(&format!("in-use-{i}"))).collect();
+        for key in &in_use {
+            cache.insert(*key, claims(1_000, "u"), 0);
+            cache.insert(*key, claims(1_000, "u"), 0);
+        }
+        let resident: Vec<&Key> = in_use.iter().filter(|k| cache.get(k, 1).is_some()).collect();
+        assert!(resident.len() >= 150, "{}", resident.len());
+        // A flood of tokens each verified once (fresh tokens after refreshes, a scan).
+        for i in 0..100_000 {
+            cache.insert(VerifiedCache::key(&format!("once-{i}")), claims(1_000, "u"), 0);
+        }
+        let still = resident.iter().filter(|k| cache.get(k, 1).is_some()).count();
+        assert_eq!(still, resident.len(), "one-time tokens evicted tokens in use");
+        // Seen a second time, a newcomer gets in (in place of a random entry).
+        let newcomer = VerifiedCache::key("once-99999");
+        assert!(cache.get(&newcomer, 1).is_none());
+        cache.insert(newcomer, claims(1_000, "u"), 0);
+        assert!(cache.get(&newcomer, 1).is_some());
+        // Clearing forgets the sightings too: a token seen once before must be seen twice
+        // again to get in.
+        let late = VerifiedCache::key("late");
+        cache.insert(late, claims(1_000, "u"), 0);
+        cache.clear();
+        for i in 0..400 {
+            for _ in 0..2 {
+                cache.insert(VerifiedCache::key(&format!("refill-{i}")), claims(1_000, "u"), 0);
+            }
+        }
+        assert!(cache.len() >= 150, "{}", cache.len());
+        cache.insert(late, claims(1_000, "u"), 0);
+        assert!(cache.get(&late, 1).is_none(), "admitted on its first sighting after clear()");
     }
 }
