@@ -450,7 +450,8 @@ pub struct TokenSettings {
     /// Algorithms accepted on verification; `none` and HMAC never are.
     pub allowed_algorithms: Vec<SigningAlgorithm>,
     /// Verified tokens whose claims are kept in memory (keyed by the whole token's
-    /// SHA-256, dropped at expiry): a repeated token skips signature verification. 0: off.
+    /// SHA-256, dropped at expiry): a repeated token skips signature verification. 0: off;
+    /// at most 4 000 000.
     pub verified_cache_capacity: usize,
 }
 
@@ -760,6 +761,10 @@ impl Settings {
         if self.tokens.access_ttl < Duration::from_secs(1) {
             return invalid("tokens.access_ttl must be at least 1s");
         }
+        // ~200 bytes an entry plus 16 bytes of admission table, the table allocated at start.
+        if self.tokens.verified_cache_capacity > 4_000_000 {
+            return invalid("tokens.verified_cache_capacity must be at most 4000000 (about 1 GiB)");
+        }
         if self.sessions.absolute_lifetime < self.tokens.access_ttl {
             return invalid("sessions.absolute_lifetime must be at least tokens.access_ttl");
         }
@@ -987,6 +992,13 @@ mod tests {
             ..Settings::default()
         };
         assert!(huge.validate().unwrap_err().to_string().contains("absolute_lifetime"));
+        let cache = |capacity| Settings {
+            tokens: TokenSettings { verified_cache_capacity: capacity, ..TokenSettings::default() },
+            ..Settings::default()
+        };
+        assert!(cache(4_000_001).validate().unwrap_err().to_string().contains("verified_cache_capacity"));
+        cache(4_000_000).validate().unwrap();
+        cache(0).validate().unwrap();
     }
 
     #[test]

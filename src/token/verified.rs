@@ -12,8 +12,8 @@
 //!   expired entries go when met, or when their slot is picked). About 200 bytes an entry,
 //!   so the default 16 384 is ~3 MiB.
 //! - Once a shard is full, a token gets in on its SECOND verification only (a doorkeeper
-//!   remembers a fingerprint of tokens seen once, in a lossy table of 2 × capacity slots,
-//!   16 bytes each): a flood of tokens used once (fresh tokens after refreshes, a scan)
+//!   remembers a fingerprint of tokens seen once, in a lossy table of 8-byte slots, 2 ×
+//!   capacity rounded up to a power of two: 256 KiB at the default): a flood of tokens used once (fresh tokens after refreshes, a scan)
 //!   then neither evicts the tokens in use nor pays for an insertion and an eviction each.
 //!   The price: a token that arrives while the cache is full is verified twice before it
 //!   is answered from the cache.

@@ -51,12 +51,20 @@ static ORIGINAL: Mutex<Option<u64>> = Mutex::new(None);
 /// Sets the poll time for the run (root only). `None` when the machine has no haltpoll
 /// idle driver (nothing to set: its idle vCPUs are not halted this way).
 pub fn set(poll: Duration) -> anyhow::Result<Option<HaltPolling>> {
-    let Some(original) = current() else { return Ok(None) };
-    let ns = u64::try_from(poll.as_nanos()).unwrap_or(u64::MAX);
-    fs::write(PARAMETER, ns.to_string())
-        .with_context(|| format!("--guest-halt-poll: cannot write {PARAMETER} (it needs root)"))?;
-    ORIGINAL.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(original);
-    Ok(Some(HaltPolling { poll_ns: ns, original_ns: Some(original) }))
+    let Some(current) = current() else { return Ok(None) };
+    // The kernel's parameter is an unsigned int of nanoseconds.
+    let ns = u32::try_from(poll.as_nanos())
+        .map_err(|_| anyhow::anyhow!("--guest-halt-poll: at most {}", u32::MAX))?;
+    // Recorded before the write, so a signal in between still puts it back; the value of
+    // an earlier call wins (it is the machine's own).
+    let original = *ORIGINAL.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(current);
+    if let Err(error) = fs::write(PARAMETER, ns.to_string()) {
+        // Nothing changed: nothing to put back.
+        ORIGINAL.lock().unwrap_or_else(|p| p.into_inner()).take();
+        return Err(error)
+            .with_context(|| format!("--guest-halt-poll: cannot write {PARAMETER} (it needs root)"));
+    }
+    Ok(Some(HaltPolling { poll_ns: u64::from(ns), original_ns: Some(original) }))
 }
 
 /// Puts back the value [`set`] replaced, if any.

@@ -372,13 +372,17 @@ fn run(args: &Args) -> anyhow::Result<()> {
     };
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(threads.max(1)).enable_all().build()?;
-    {
+    let handled = {
         let _guard = runtime.enter();
-        server::clean_up_on_signal();
+        server::clean_up_on_signal()
+    };
+    if !handled {
+        notes.push("cannot handle SIGINT/SIGTERM: an interrupted run leaves its processes behind".into());
     }
     // Changed only now that SIGINT/SIGTERM put it back (and the end of this function).
     let _restore_halt_poll = halt_poll::RestoreOnDrop;
     let halt_polling = match args.guest_halt_poll {
+        Some(_) if !handled => bail!("--guest-halt-poll: no signal handler to put the setting back"),
         Some(poll) => {
             let set = halt_poll::set(poll)?;
             if set.is_none() {

@@ -104,8 +104,10 @@ impl Row {
         let own_cpu = cpu(before.own_ticks, after.own_ticks);
         let busy = cpu(before.busy_ticks, after.busy_ticks);
         let other = busy.zip(own_cpu).map(|(b, o)| (b - o - server_cpu.unwrap_or(0.0)).max(0.0));
+        // Saturating: the switch count sums the threads alive at each reading, so a thread
+        // that exits in the window takes its switches with it (an undercount, not an error).
         let per_request = |a: Option<u64>, b: Option<u64>| {
-            let n = b?.checked_sub(a?)?;
+            let n = b?.saturating_sub(a?);
             (phase.ok > 0).then(|| n as f64 / phase.ok as f64)
         };
         Row {

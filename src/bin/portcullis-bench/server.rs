@@ -454,16 +454,20 @@ pub fn untrack_dir(dir: &Path) {
 }
 
 /// On SIGINT or SIGTERM (which skip destructors), kills every child still running (servers,
-/// replicas, validator, Envoy) and removes the temporary directories before this process
-/// exits: nothing is left behind (but a temporary database: see `--replicas`). Runs on the
-/// current tokio runtime.
-pub fn clean_up_on_signal() {
+/// replicas, validator, Envoy), removes the temporary directories and puts back vCPU halt
+/// polling before this process exits: nothing is left behind (but a temporary database: see
+/// `--replicas`). The handlers are installed before this returns (on the current tokio
+/// runtime); `false` when they could not be.
+pub fn clean_up_on_signal() -> bool {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut interrupt), Ok(mut term)) =
+        (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+    else {
+        return false;
+    };
     tokio::spawn(async move {
-        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
-            return;
-        };
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = interrupt.recv() => {}
             _ = term.recv() => {}
         }
         let (pids, dirs) = cleanup().clone();
@@ -480,6 +484,7 @@ pub fn clean_up_on_signal() {
         eprintln!("portcullis-bench: interrupted; {} child process(es) stopped", pids.len());
         std::process::exit(130);
     });
+    true
 }
 
 /// The default server binary: `portcullis` next to this executable.
@@ -529,8 +534,9 @@ pub fn page_faults(pid: u32) -> Option<u64> {
     Some(minor + major)
 }
 
-/// Context switches (voluntary + involuntary) summed over every thread of a process (the
-/// process's own `/proc/<pid>/status` counts its first thread only).
+/// Context switches (voluntary + involuntary) summed over the threads of a process alive
+/// now (the process's own `/proc/<pid>/status` counts its first thread only; a thread that
+/// has exited is no longer counted).
 pub fn context_switches(pid: u32) -> Option<u64> {
     let mut total = 0;
     for task in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
