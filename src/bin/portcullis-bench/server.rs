@@ -514,24 +514,21 @@ pub fn clock_ticks() -> u64 {
 
 /// utime + stime of a whole process (every thread), in clock ticks.
 pub fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name is in parentheses and may hold spaces: fields count from after it.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // Field 3 (state) is fields[0]; utime is field 14, stime field 15.
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
+    sum_of_stat_fields(pid, &[14, 15])
 }
 
-/// Page faults (minor + major) of a whole process: `/proc/<pid>/stat` fields 10 and 12.
+/// Page faults (minor + major) of a whole process.
 pub fn page_faults(pid: u32) -> Option<u64> {
+    sum_of_stat_fields(pid, &[10, 12])
+}
+
+/// The sum of numeric fields of `/proc/<pid>/stat`, numbered as in proc(5) (1 = pid).
+fn sum_of_stat_fields(pid: u32, numbers: &[usize]) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let minor: u64 = fields.get(7)?.parse().ok()?;
-    let major: u64 = fields.get(9)?.parse().ok()?;
-    Some(minor + major)
+    // The command name (field 2) is in parentheses and may hold spaces: split after it,
+    // where field 3 comes first.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    numbers.iter().map(|n| fields.get(n.checked_sub(3)?)?.parse::<u64>().ok()).sum()
 }
 
 /// Context switches (voluntary + involuntary) summed over the threads of a process alive
