@@ -633,9 +633,10 @@ fn legend(args: &Args, rows: &[Row], revoked: usize, ticks: u64) -> Vec<String> 
         "envoy-ext-authz",
         format!(
             "Envoy+ext_authz GET / Envoy+jwt_authn GET: HTTP/1.1 keep-alive GETs with the hot token, \
-             {} connections closed loop, through Envoy (examples/envoy/envoy.yaml asking this server; \
+             {} connections closed loop, then one (the \"(1 connection)\" rows: no queueing), through Envoy \
+             (examples/envoy/envoy.yaml asking this server or a do-nothing authorizer; \
              examples/envoy/jwt_authn.yaml checking the token itself) to an upstream in the bench; \
-             srv CPU is Envoy's (plus Portcullis's for ext_authz)",
+             srv CPU is Envoy's (plus the authorizer's for ext_authz)",
             args.envoy_connections
         ),
     );
@@ -872,11 +873,23 @@ impl Bench<'_> {
         let upstream = envoy::upstream().await?;
         let portcullis_pid = self.probe.server_pid;
 
+        let k = self.args.envoy_connections;
+        // Each set-up under the configured load, then (unless that is 1 already) one
+        // connection: latency with no queueing.
+        let single = k > 1;
         let config = envoy::render_ext_authz(server.port(), upstream.port)?;
         let proxy = Envoy::start(binary, cpus.as_deref(), &config, &dir.0, "ext_authz").await?;
         expect_statuses(&proxy, token, "ext_authz").await?;
-        let ext_authz =
-            self.envoy_phase("envoy-ext-authz", "Envoy+ext_authz GET", &proxy, portcullis_pid, token).await;
+        let ext_authz = self
+            .envoy_phase("envoy-ext-authz", "Envoy+ext_authz GET", &proxy, portcullis_pid, token, k)
+            .await;
+        let ext_authz_1 = match single {
+            true => Some(
+                self.envoy_phase("envoy-ext-authz-1", "  (1 connection)", &proxy, portcullis_pid, token, 1)
+                    .await,
+            ),
+            false => None,
+        };
         drop(proxy);
 
         // The floor: the same Envoy config asking an authorizer that decides nothing.
@@ -893,9 +906,14 @@ impl Bench<'_> {
         let config = envoy::render_ext_authz(noop_addr.port(), upstream.port)?;
         let proxy = Envoy::start(binary, cpus.as_deref(), &config, &dir.0, "ext_authz_noop").await?;
         expect_statuses(&proxy, token, "ext_authz (no-op authorizer)").await?;
-        let noop_run = self
-            .envoy_phase("envoy-ext-authz-noop", "Envoy+ext_authz(no-op) GET", &proxy, Some(noop.pid), token)
-            .await;
+        let (name, pid) = ("Envoy+ext_authz(no-op) GET", Some(noop.pid));
+        let noop_run = self.envoy_phase("envoy-ext-authz-noop", name, &proxy, pid, token, k).await;
+        let noop_1 = match single {
+            true => Some(
+                self.envoy_phase("envoy-ext-authz-noop-1", "  (1 connection)", &proxy, pid, token, 1).await,
+            ),
+            false => None,
+        };
         drop(proxy);
         drop(noop);
 
@@ -904,7 +922,14 @@ impl Bench<'_> {
         let config = envoy::render_jwt_authn(upstream.port, &jwks, &tokens.issuer, &tokens.audience)?;
         let proxy = Envoy::start(binary, cpus.as_deref(), &config, &dir.0, "jwt_authn").await?;
         expect_statuses(&proxy, token, "jwt_authn").await?;
-        let jwt_authn = self.envoy_phase("envoy-jwt-authn", "Envoy+jwt_authn GET", &proxy, None, token).await;
+        let jwt_authn =
+            self.envoy_phase("envoy-jwt-authn", "Envoy+jwt_authn GET", &proxy, None, token, k).await;
+        let jwt_authn_1 = match single {
+            true => {
+                Some(self.envoy_phase("envoy-jwt-authn-1", "  (1 connection)", &proxy, None, token, 1).await)
+            }
+            false => None,
+        };
         drop(proxy);
 
         let pinning = match &cpus {
@@ -913,14 +938,16 @@ impl Bench<'_> {
             }
             None => "Envoy not pinned (shares the CPUs)".into(),
         };
-        Ok(EnvoySummary::new(
-            envoy::version(binary),
+        let one_connection = match (ext_authz_1, noop_1, jwt_authn_1) {
+            (Some(a), Some(n), Some(j)) => Some(envoy::EnvoyComparison::new(1, a, n, j)),
+            _ => None,
+        };
+        Ok(EnvoySummary {
+            envoy_version: envoy::version(binary),
             pinning,
-            self.args.envoy_connections,
-            ext_authz,
-            noop_run,
-            jwt_authn,
-        ))
+            loaded: envoy::EnvoyComparison::new(k, ext_authz, noop_run, jwt_authn),
+            one_connection,
+        })
     }
 
     /// Warms up, then measures GETs through `proxy`; CPU is Envoy's plus Portcullis's.
@@ -931,13 +958,13 @@ impl Bench<'_> {
         proxy: &Envoy,
         portcullis_pid: Option<u32>,
         token: &str,
+        k: usize,
     ) -> EnvoyRun {
         let args = self.args;
         let probe = self.probe.of(proxy.pid, portcullis_pid.into_iter().collect());
         probe.wait_idle().await;
-        progress(name);
+        progress(&format!("{} ({k} connection{})", name.trim(), if k == 1 { "" } else { "s" }));
         let request = envoy::get_request("/", Some(token));
-        let k = args.envoy_connections;
         if !args.warmup().is_zero() {
             envoy::run_phase(proxy.listener, &request, k, args.warmup()).await;
         }

@@ -394,9 +394,10 @@ impl Report {
             );
         }
         if let Some(e) = &self.envoy {
-            for (what, ratio) in [("p50", e.p50_ratio), ("p99", e.p99_ratio)] {
+            let l = &e.loaded;
+            for (what, ratio) in [("p50", l.p50_ratio), ("p99", l.p99_ratio)] {
                 add(
-                    &format!("Envoy+ext_authz {what} vs Envoy+jwt_authn {what}"),
+                    &format!("Envoy+ext_authz {what} vs Envoy+jwt_authn {what} ({} conn.)", l.connections),
                     format!("<= {:.1}x", envoy::TARGET_RATIO),
                     ratio_text(ratio),
                     ratio.map(|r| r <= envoy::TARGET_RATIO),
@@ -643,49 +644,67 @@ impl Report {
             _ = writeln!(out);
             _ = writeln!(
                 out,
-                "Envoy {}: the same upstream, {} keep-alive HTTP/1.1 connections closed loop; {}:",
-                e.envoy_version, e.connections, e.pinning
+                "Envoy {}: the same upstream, keep-alive HTTP/1.1 connections closed loop; {}:",
+                e.envoy_version, e.pinning
             );
             _ = writeln!(
                 out,
-                "  {:<22} {:>8} {:>6} {:>8} {:>8} {:>8} {:>8} {:>14} {:>18}",
-                "", "requests", "errors", "req/s", "p50", "p99", "p99.9", "Envoy CPU/req", "authz CPU/req"
+                "  {:<22} {:>5} {:>8} {:>6} {:>8} {:>8} {:>8} {:>8} {:>14} {:>14}",
+                "",
+                "conn.",
+                "requests",
+                "errors",
+                "req/s",
+                "p50",
+                "p99",
+                "p99.9",
+                "Envoy CPU/req",
+                "authz CPU/req"
             );
-            for (name, run) in [
-                ("ext_authz (Portcullis)", &e.ext_authz),
-                ("ext_authz (no-op)", &e.ext_authz_noop),
-                ("jwt_authn (offline)", &e.jwt_authn),
-            ] {
+            let comparisons = std::iter::once(&e.loaded).chain(e.one_connection.as_ref());
+            for c in comparisons.clone() {
+                for (name, run) in [
+                    ("ext_authz (Portcullis)", &c.ext_authz),
+                    ("ext_authz (no-op)", &c.ext_authz_noop),
+                    ("jwt_authn (offline)", &c.jwt_authn),
+                ] {
+                    _ = writeln!(
+                        out,
+                        "  {:<22} {:>5} {:>8} {:>6} {:>8.0} {:>8} {:>8} {:>8} {:>14} {:>14}",
+                        name,
+                        c.connections,
+                        run.requests,
+                        run.errors,
+                        run.requests_per_second,
+                        opt_us(run.p50_us.map(f64::from)),
+                        opt_us(run.p99_us.map(f64::from)),
+                        opt_us(run.p999_us.map(f64::from)),
+                        opt_us(run.envoy_cpu_us_per_request),
+                        opt_us(run.portcullis_cpu_us_per_request),
+                    );
+                }
+            }
+            for c in comparisons {
                 _ = writeln!(
                     out,
-                    "  {:<22} {:>8} {:>6} {:>8.0} {:>8} {:>8} {:>8} {:>14} {:>18}",
-                    name,
-                    run.requests,
-                    run.errors,
-                    run.requests_per_second,
-                    opt_us(run.p50_us.map(f64::from)),
-                    opt_us(run.p99_us.map(f64::from)),
-                    opt_us(run.p999_us.map(f64::from)),
-                    opt_us(run.envoy_cpu_us_per_request),
-                    opt_us(run.portcullis_cpu_us_per_request),
+                    "  {} connection{}: ext_authz / jwt_authn p50 {}, p99 {} (goal <= {:.1}x{}); floor, \
+                     ext_authz(no-op) / jwt_authn (Envoy's filter and the round trip alone): p50 {}, p99 {}; \
+                     ext_authz(Portcullis) / ext_authz(no-op) (what Portcullis adds): p50 {}, p99 {}",
+                    c.connections,
+                    if c.connections == 1 { "" } else { "s" },
+                    ratio_text(c.p50_ratio),
+                    ratio_text(c.p99_ratio),
+                    envoy::TARGET_RATIO,
+                    if std::ptr::eq(c, &e.loaded) { ", checked on this load" } else { "" },
+                    ratio_text(c.floor_p50_ratio),
+                    ratio_text(c.floor_p99_ratio),
+                    ratio_text(c.portcullis_p50_ratio),
+                    ratio_text(c.portcullis_p99_ratio),
                 );
             }
             _ = writeln!(
                 out,
-                "  ext_authz / jwt_authn: p50 {}, p99 {} (goal <= {:.1}x); jwt_authn cannot revoke: a \
-                 logged-out session's tokens pass until they expire",
-                ratio_text(e.p50_ratio),
-                ratio_text(e.p99_ratio),
-                envoy::TARGET_RATIO
-            );
-            _ = writeln!(
-                out,
-                "  floor, ext_authz(no-op) / jwt_authn (Envoy's filter and the round trip alone): p50 {}, p99 {}; \
-                 ext_authz(Portcullis) / ext_authz(no-op) (what Portcullis adds): p50 {}, p99 {}",
-                ratio_text(e.floor_p50_ratio),
-                ratio_text(e.floor_p99_ratio),
-                ratio_text(e.portcullis_p50_ratio),
-                ratio_text(e.portcullis_p99_ratio),
+                "  jwt_authn cannot revoke: a logged-out session's tokens pass until they expire"
             );
         }
 
