@@ -63,6 +63,9 @@ pub struct Key {
     pub kid: String,
     pub algorithm: SigningAlgorithm,
     pub(crate) encoding: EncodingKey,
+    /// The private key parsed once, for signing (`None`: a PEM form only jsonwebtoken reads,
+    /// which then signs, re-parsing the key every time).
+    pub(crate) signer: Option<ParsedSigner>,
     pub(crate) decoding: DecodingKey,
     /// The public half, as jsonwebtoken derived it (its thumbprint is the `kid`).
     pub jwk: Jwk,
@@ -194,7 +197,60 @@ fn load_key(path: &Path) -> Result<Key, KeyError> {
     jwk.common.public_key_use = Some(jsonwebtoken::jwk::PublicKeyUse::Signature);
     let decoding = DecodingKey::from_jwk(&jwk)?;
     let public = public_jwk(&kid, algorithm, &jwk).ok_or_else(unsupported)?;
-    Ok(Key { kid, algorithm, encoding, decoding, jwk, public, path: path.to_path_buf() })
+    let signer = ParsedSigner::parse(algorithm, &pem);
+    Ok(Key { kid, algorithm, encoding, decoding, signer, jwk, public, path: path.to_path_buf() })
+}
+
+/// A private key parsed once. jsonwebtoken parses the key again at every signature, which
+/// for RSA (aws-lc checks the key as it parses it) cost more than the signature itself.
+pub(crate) enum ParsedSigner {
+    Rsa(aws_lc_rs::rsa::KeyPair),
+    Ecdsa(EcdsaKeyPair),
+    Ed25519(Ed25519KeyPair),
+}
+
+impl ParsedSigner {
+    /// The key of a PEM file, in the forms aws-lc-rs reads (PKCS#8, which `keys generate`
+    /// writes; PKCS#1 `RSA PRIVATE KEY`; SEC1 `EC PRIVATE KEY`).
+    fn parse(algorithm: SigningAlgorithm, pem_file: &[u8]) -> Option<ParsedSigner> {
+        let pem = pem::parse(pem_file).ok()?;
+        let der = pem.contents();
+        match (algorithm, pem.tag()) {
+            (SigningAlgorithm::RS256, "PRIVATE KEY") => {
+                aws_lc_rs::rsa::KeyPair::from_pkcs8(der).ok().map(Self::Rsa)
+            }
+            (SigningAlgorithm::RS256, "RSA PRIVATE KEY") => {
+                aws_lc_rs::rsa::KeyPair::from_der(der).ok().map(Self::Rsa)
+            }
+            (SigningAlgorithm::ES256, "PRIVATE KEY") => {
+                EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der).ok().map(Self::Ecdsa)
+            }
+            (SigningAlgorithm::ES256, "EC PRIVATE KEY") => {
+                EcdsaKeyPair::from_private_key_der(&ECDSA_P256_SHA256_FIXED_SIGNING, der)
+                    .ok()
+                    .map(Self::Ecdsa)
+            }
+            (SigningAlgorithm::EdDSA, "PRIVATE KEY") => {
+                Ed25519KeyPair::from_pkcs8(der).ok().map(Self::Ed25519)
+            }
+            _ => None,
+        }
+    }
+
+    /// The JWS signature of `message` (RS256: PKCS#1 v1.5 with SHA-256; ES256: `r ‖ s`,
+    /// 64 bytes; EdDSA: Ed25519).
+    pub(crate) fn sign(&self, message: &[u8]) -> Option<Vec<u8>> {
+        let rng = SystemRandom::new();
+        match self {
+            Self::Rsa(pair) => {
+                let mut signature = vec![0; pair.public_modulus_len()];
+                pair.sign(&aws_lc_rs::signature::RSA_PKCS1_SHA256, &rng, message, &mut signature).ok()?;
+                Some(signature)
+            }
+            Self::Ecdsa(pair) => pair.sign(&rng, message).ok().map(|s| s.as_ref().to_vec()),
+            Self::Ed25519(pair) => Some(pair.sign(message).as_ref().to_vec()),
+        }
+    }
 }
 
 /// The published form of a key's public half; `None` for anything but the three shapes we
