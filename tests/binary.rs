@@ -345,6 +345,8 @@ fn bench_runs_every_scenario_against_its_own_server() {
         ("login", "Login"),
         ("storm", "ValidateToken storm"),
         ("validator", "ValidateToken validator"),
+        // The cold target's baseline, again right after the cold window.
+        ("health-after-cold", "Health/Check (after cold)"),
     ];
     // A table line per scenario: its name, then the count of calls answered.
     let count_after = |name: &str| -> u64 {
@@ -400,6 +402,7 @@ fn bench_runs_every_scenario_against_its_own_server() {
         None => assert!(json["machine"]["halt_polling"].is_null(), "{}", json["machine"]),
     }
     assert_eq!(json["in_process"].as_array().unwrap().len(), 3);
+    assert!(json["cold_verify"]["verify_ns"].as_f64().unwrap() > 0.0, "{}", json["cold_verify"]);
     assert!(json["server_peak_rss_kib"].as_u64().unwrap() > 0);
     assert!(json["login_storm"]["p99_ratio"].as_f64().is_some());
     assert!(json["ext_authz"]["cpu_ratio_to_validate_hot"].as_f64().is_some(), "{}", json["ext_authz"]);

@@ -420,6 +420,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let mut revoked_count = 0;
     let mut validator = None;
     let mut envoy_summary = None;
+    let mut cold_verify = None;
     let mut failures = Vec::new();
     if args.grpc_selected() {
         let addr = local.as_ref().map(|s| s.addr).or(args.addr).context("no server address")?;
@@ -433,8 +434,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
             envoy: None,
             failures: Vec::new(),
             notes: Vec::new(),
+            cold_verify: None,
         };
-        let outcome = runtime.block_on(bench.run_all(addr, local.as_mut(), rotation, cold));
+        let outcome = runtime.block_on(bench.run_all(addr, local.as_mut(), rotation, cold, minter.as_ref()));
         let (storm_summary, revoked) = outcome?;
         rows = bench.rows;
         storm = storm_summary;
@@ -443,6 +445,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         envoy_summary = bench.envoy;
         failures = bench.failures;
         notes.extend(bench.notes);
+        cold_verify = bench.cold_verify;
     }
     let peak_rss = server_pid.and_then(server::peak_rss_kib);
     drop(local);
@@ -526,6 +529,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         revocation_replicas: replicas,
         in_process,
         in_process_cached_hit: cached,
+        cold_verify,
         revocation_lookup: lookup,
         server_peak_rss_kib: peak_rss,
         targets: Vec::new(),
@@ -695,6 +699,8 @@ struct Bench<'a> {
     /// Scenarios that could not run: printed with the report, then the bench fails.
     failures: Vec<String>,
     notes: Vec<String>,
+    /// The raw verify measured right after the cold window (the cold target's divisor).
+    cold_verify: Option<verify::RawVerify>,
 }
 
 impl Bench<'_> {
@@ -705,6 +711,7 @@ impl Bench<'_> {
         local: Option<&mut LocalServer>,
         rotation: Option<Arc<Vec<String>>>,
         cold: Option<Arc<Vec<String>>>,
+        minter: Option<&Minter>,
     ) -> anyhow::Result<(Option<StormSummary>, usize)> {
         let args = self.args;
         progress(&format!("waiting for the server at {addr} to be SERVING"));
@@ -789,6 +796,19 @@ impl Bench<'_> {
                     tokens.len(),
                     row.seconds
                 ));
+            }
+            // The cold target's baseline, measured right after the cold window: the machine's
+            // speed drifts over a run (Health at the start and the raw verify at the end
+            // moved the ratio by ±0.05 in otherwise quiet runs).
+            if args.selected("health")
+                && let Some(minter) = minter
+            {
+                let health = Arc::new(Workload::Health);
+                let (key, name) = (report::HEALTH_AFTER_COLD, "Health/Check (after cold)");
+                self.scenario(key, name, n, None, &health, &health).await;
+                progress("raw verify, right after the cold window");
+                let budget = (args.duration / 5).max(Duration::from_millis(100));
+                self.cold_verify = Some(tokio::task::block_in_place(|| minter.raw_verify(budget))?);
             }
         }
         if let Some(chains) = chains {

@@ -87,6 +87,26 @@ impl Minter {
     }
 }
 
+/// One algorithm's raw verification cost, measured on its own.
+#[derive(Serialize, Clone, Copy)]
+pub struct RawVerify {
+    pub iterations: u64,
+    /// One `AccessTokens::verify` (uncached), nanoseconds.
+    pub verify_ns: f64,
+}
+
+impl Minter {
+    /// The raw cost of verifying a token of this key, looping for `budget` (one thread).
+    pub fn raw_verify(&self, budget: Duration) -> anyhow::Result<RawVerify> {
+        let (token, _) = self.tokens.issue(&subject(), time::OffsetDateTime::now_utc())?;
+        self.tokens.verify(&token).map_err(|r| anyhow::anyhow!("a minted token is rejected: {r:?}"))?;
+        let (iterations, spent) = time_loop(budget, || {
+            black_box(self.tokens.verify(black_box(&token)).is_ok());
+        });
+        Ok(RawVerify { iterations, verify_ns: spent.as_nanos() as f64 / iterations as f64 })
+    }
+}
+
 /// Calls `f` repeatedly for about `budget`; returns (calls, elapsed).
 fn time_loop(budget: Duration, mut f: impl FnMut()) -> (u64, Duration) {
     let started = Instant::now();
