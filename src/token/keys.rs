@@ -62,10 +62,8 @@ impl fmt::Display for SigningAlgorithm {
 pub struct Key {
     pub kid: String,
     pub algorithm: SigningAlgorithm,
-    pub(crate) encoding: EncodingKey,
-    /// The private key parsed once, for signing (`None`: a PEM form only jsonwebtoken reads,
-    /// which then signs, re-parsing the key every time).
-    pub(crate) signer: Option<ParsedSigner>,
+    /// The private key parsed once, for signing.
+    pub(crate) signer: ParsedSigner,
     pub(crate) decoding: DecodingKey,
     /// The public half, as jsonwebtoken derived it (its thumbprint is the `kid`).
     pub jwk: Jwk,
@@ -197,8 +195,10 @@ fn load_key(path: &Path) -> Result<Key, KeyError> {
     jwk.common.public_key_use = Some(jsonwebtoken::jwk::PublicKeyUse::Signature);
     let decoding = DecodingKey::from_jwk(&jwk)?;
     let public = public_jwk(&kid, algorithm, &jwk).ok_or_else(unsupported)?;
-    let signer = ParsedSigner::parse(algorithm, &pem);
-    Ok(Key { kid, algorithm, encoding, decoding, signer, jwk, public, path: path.to_path_buf() })
+    // jsonwebtoken's aws-lc backend signs with these same parsers: a key they refuse could
+    // not sign either, so it is refused here, at load.
+    let signer = ParsedSigner::parse(algorithm, &pem).ok_or_else(unsupported)?;
+    Ok(Key { kid, algorithm, decoding, signer, jwk, public, path: path.to_path_buf() })
 }
 
 /// A private key parsed once. jsonwebtoken parses the key again at every signature, which
@@ -343,8 +343,19 @@ pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// jsonwebtoken's own signing key for `key`'s file (to compare with ours).
+    pub(crate) fn jsonwebtoken_key(key: &Key) -> EncodingKey {
+        let pem = fs::read(&key.path).unwrap();
+        match key.algorithm {
+            SigningAlgorithm::RS256 => EncodingKey::from_rsa_pem(&pem),
+            SigningAlgorithm::ES256 => EncodingKey::from_ec_pem(&pem),
+            SigningAlgorithm::EdDSA => EncodingKey::from_ed_pem(&pem),
+        }
+        .unwrap()
+    }
 
     #[test]
     fn generated_keys_load_with_stable_kids_and_the_newest_signs() {
@@ -469,7 +480,16 @@ mod tests {
             let mut header = jsonwebtoken::Header::new(alg.jwt());
             header.kid = Some(key.kid.clone());
             let claims = serde_json::json!({"sub": "s", "exp": 4_000_000_000u64});
-            let token = jsonwebtoken::encode(&header, &claims, &key.encoding).unwrap();
+            // Signed by the key's private half as the server signs (parsed once).
+            let b64 = |bytes: &[u8]| {
+                base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, bytes)
+            };
+            let message = format!(
+                "{}.{}",
+                b64(&serde_json::to_vec(&header).unwrap()),
+                b64(&serde_json::to_vec(&claims).unwrap())
+            );
+            let token = format!("{message}.{}", b64(&key.signer.sign(message.as_bytes()).unwrap()));
             let mut validation = jsonwebtoken::Validation::new(alg.jwt());
             validation.validate_aud = false;
             jsonwebtoken::decode::<serde_json::Value>(&token, &decoding, &validation).unwrap();
