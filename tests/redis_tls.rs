@@ -21,60 +21,16 @@ use portcullis::{
     hot::{HotState, RedisHotState, RedisTls},
     startup::Application,
 };
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
-};
 use uuid::Uuid;
+
+#[path = "support/test_ca.rs"]
+mod test_ca;
+use test_ca::Ca;
 
 const LONG_TTL: Duration = Duration::from_secs(60);
 /// Well above `RedisHotState::connect`'s own deadline (3 s): a refused handshake must fail
 /// within that, never hang.
 const CONNECT_FAILS_WITHIN: Duration = Duration::from_secs(5);
-
-// ---------------------------------------------------------------------------------------
-// Test PKI (as in tests/api/tls.rs)
-
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-/// A certificate and its PKCS#8 private key, both PEM.
-struct Identity {
-    cert_pem: String,
-    key_pem: String,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
-        Ca { issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap() }
-    }
-
-    fn pem(&self) -> String {
-        pem_encode("CERTIFICATE", self.issuer.der())
-    }
-
-    fn issue(&self, names: &[&str], usage: ExtendedKeyUsagePurpose) -> Identity {
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let mut params = CertificateParams::new(names).unwrap();
-        params.distinguished_name.push(DnType::CommonName, "portcullis redis test");
-        params.extended_key_usages = vec![usage];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &*self.issuer).unwrap();
-        Identity {
-            cert_pem: pem_encode("CERTIFICATE", cert.der()),
-            key_pem: pem_encode("PRIVATE KEY", &key.serialize_der()),
-        }
-    }
-}
-
-fn pem_encode(tag: &str, der: &[u8]) -> String {
-    pem::encode(&pem::Pem::new(tag, der.to_vec()))
-}
 
 // ---------------------------------------------------------------------------------------
 // A redis-server in TLS mode
@@ -105,19 +61,19 @@ impl Setup {
     fn start() -> Option<Setup> {
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::new("portcullis redis test ca");
-        let server = ca.issue(&["localhost", "127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
-        let client = ca.issue(&[], ExtendedKeyUsagePurpose::ClientAuth);
+        let server = ca.server();
+        let client = ca.client();
         let other = Ca::new("some other ca");
-        let other_client = other.issue(&[], ExtendedKeyUsagePurpose::ClientAuth);
+        let other_client = other.client();
         for (name, contents) in [
             ("ca.crt", ca.pem()),
-            ("server.crt", server.cert_pem),
-            ("server.key", server.key_pem),
-            ("client.crt", client.cert_pem),
-            ("client.key", client.key_pem),
+            ("server.crt", server.cert_pem()),
+            ("server.key", server.key_pem()),
+            ("client.crt", client.cert_pem()),
+            ("client.key", client.key_pem()),
             ("other-ca.crt", other.pem()),
-            ("other-client.crt", other_client.cert_pem),
-            ("other-client.key", other_client.key_pem),
+            ("other-client.crt", other_client.cert_pem()),
+            ("other-client.key", other_client.key_pem()),
         ] {
             std::fs::write(dir.path().join(name), contents).unwrap();
         }

@@ -3,6 +3,8 @@
 
 #[path = "../support/mod.rs"]
 mod support;
+#[path = "../support/test_ca.rs"]
+mod test_ca;
 
 mod harness;
 

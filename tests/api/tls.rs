@@ -2,7 +2,7 @@
 //! address over TLS, certificates rotated on disk the way cert-manager and the kubelet do it
 //! (a `..data` symlink swapped to a new directory), files that do not load, start-up errors,
 //! and the validator mode, serving TLS and fetching its keys from a central instance over
-//! mutual TLS. Certificates are made here with rcgen.
+//! mutual TLS. Certificates are made with rcgen (tests/support/test_ca.rs).
 
 use std::{
     net::SocketAddr,
@@ -16,10 +16,6 @@ use portcullis::{
     config::{CentralTlsSettings, Settings, TlsSettings},
     startup::{Application, ValidatorApp},
     validator::KeySource,
-};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
 };
 use tokio::{net::TcpStream, sync::oneshot, task::JoinHandle};
 use tokio_rustls::{
@@ -38,71 +34,10 @@ use tonic_health::pb::{
 use crate::{
     harness::{self, Backend, PASSWORD, bearer, eventually, test_settings},
     on_both_backends,
+    test_ca::{Ca, Identity},
 };
 
 on_both_backends!(tls_serves_clients_that_trust_its_certificate);
-
-// ---------------------------------------------------------------------------------------
-// Test PKI
-
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-/// A certificate (DER) and its PKCS#8 private key (DER).
-#[derive(Clone)]
-struct Identity {
-    cert: CertificateDer<'static>,
-    key: Vec<u8>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
-        Ca { issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap() }
-    }
-
-    fn pem(&self) -> String {
-        pem_encode("CERTIFICATE", self.issuer.der())
-    }
-
-    /// A server certificate for `localhost` and 127.0.0.1.
-    fn server(&self) -> Identity {
-        self.issue(&["localhost", "127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth)
-    }
-
-    /// A client certificate.
-    fn client(&self) -> Identity {
-        self.issue(&[], ExtendedKeyUsagePurpose::ClientAuth)
-    }
-
-    fn issue(&self, names: &[&str], usage: ExtendedKeyUsagePurpose) -> Identity {
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let mut params = CertificateParams::new(names).unwrap();
-        params.distinguished_name.push(DnType::CommonName, "portcullis test");
-        params.extended_key_usages = vec![usage];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &*self.issuer).unwrap();
-        Identity { cert: cert.der().clone(), key: key.serialize_der() }
-    }
-}
-
-impl Identity {
-    fn cert_pem(&self) -> String {
-        pem_encode("CERTIFICATE", &self.cert)
-    }
-
-    fn key_pem(&self) -> String {
-        pem_encode("PRIVATE KEY", &self.key)
-    }
-}
-
-fn pem_encode(tag: &str, der: &[u8]) -> String {
-    pem::encode(&pem::Pem::new(tag, der.to_vec()))
-}
 
 /// A Secret volume as the kubelet lays it out: the files live in a versioned directory,
 /// `..data` points at it, and each name is a symlink through `..data`. Publishing writes a
@@ -169,7 +104,7 @@ fn tls_settings(mount: &Mount, mutual: bool) -> TlsSettings {
 fn client_config(trust: &[&Ca], identity: Option<&Identity>) -> Arc<ClientConfig> {
     let mut roots = RootCertStore::empty();
     for ca in trust {
-        roots.add(ca.issuer.der().clone()).unwrap();
+        roots.add(ca.der()).unwrap();
     }
     let builder = ClientConfig::builder_with_provider(Arc::new(aws_lc_rs::default_provider()))
         .with_safe_default_protocol_versions()
